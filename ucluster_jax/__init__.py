@@ -1,0 +1,1 @@
+"""UCluster in JAX/Flax."""

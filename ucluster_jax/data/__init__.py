@@ -1,0 +1,1 @@
+"""Data: parquet schema, streaming reader, converters, toy and simulated jets."""

@@ -1,0 +1,1 @@
+"""ABCNet + UCluster as Flax modules."""

@@ -1,0 +1,1 @@
+"""Training: state, the pure step, k-means initialisation, the two-phase loop."""
