@@ -22,10 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """An error caused by input or configuration: reported as one line, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ucluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -50,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_args(sub)
     args = sub.parse_args(argv[1:])
     from ucluster_jax.config import ConfigError
+    from ucluster_jax.errors import UserError
 
     try:
         return int(module.run(args) or 0)

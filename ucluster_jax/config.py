@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from ucluster_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration file or override that cannot be used."""
 
 
