@@ -52,7 +52,7 @@ class LossConfig:
     focal_gamma: float = 4.0
     focal_alpha: float = 10.0
     beta: float = 1.0  # weight of the clustering loss in the joint phase
-    alpha_scale: float = 2.0  # alpha = alpha_scale * (epoch - pretrain_epochs + 1)
+    alpha_scale: float = 2.0  # alpha = alpha_scale * (epoch - pretrain_epochs + 2): 4 at the first joint epoch
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""Focal and Deep k-Means losses against numpy references; the centroids' gradient by phase."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ucluster_jax.config import load_config
+from ucluster_jax.losses import focal_loss, kmeans_loss
+from ucluster_jax.train.state import create_state
+from ucluster_jax.train.step import make_grads_fn
+
+
+def np_focal(logits, y, gamma, alpha):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    py = p[np.arange(len(y)), y]
+    return np.mean(alpha * (1 - py) ** gamma * -np.log(py + 1e-9))
+
+
+def np_kmeans(d, alpha):
+    w = np.exp(-alpha * (d - d.min(1, keepdims=True)))
+    w /= w.sum(1, keepdims=True)
+    return np.mean((w * d).sum(1))
+
+
+def test_focal_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    for gamma, alpha in ((4.0, 10.0), (2.0, 1.0), (0.0, 1.0)):
+        logits = rng.normal(size=(64, 20)).astype(np.float32) * 3
+        y = rng.integers(0, 20, 64)
+        np.testing.assert_allclose(focal_loss(jnp.asarray(logits), jnp.asarray(y), gamma, alpha),
+                                   np_focal(logits.astype(np.float64), y, gamma, alpha), rtol=1e-5)
+
+
+def test_focal_gamma0_alpha1_is_cross_entropy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(16, 5)).astype(np.float32)
+    y = rng.integers(0, 5, 16)
+    ce = -jax.nn.log_softmax(logits)[np.arange(16), y].mean()
+    np.testing.assert_allclose(focal_loss(jnp.asarray(logits), jnp.asarray(y), 0.0, 1.0), ce, rtol=1e-5)
+
+
+def test_kmeans_loss_matches_numpy_and_its_gradient():
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(32, 3))
+    mu = rng.normal(size=(3, 3))
+    for alpha in (4.0, 50.0, 380.0):
+        d = ((z[:, None] - mu[None]) ** 2).sum(-1)
+        np.testing.assert_allclose(kmeans_loss(jnp.asarray(d, jnp.float32), alpha), np_kmeans(d, alpha), rtol=1e-5)
+    # gradient through distances, weights included: compare with central differences in float64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        f = lambda m: kmeans_loss(jnp.sum((jnp.asarray(z)[:, None] - m[None]) ** 2, -1), 4.0)  # noqa: E731
+        g = np.asarray(jax.grad(f)(jnp.asarray(mu)))
+        eps = 1e-6
+        num = np.zeros_like(mu)
+        for i in np.ndindex(mu.shape):
+            dm = np.zeros_like(mu)
+            dm[i] = eps
+            num[i] = (float(f(jnp.asarray(mu + dm))) - float(f(jnp.asarray(mu - dm)))) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_centroids_get_gradient_only_in_the_clustering_phase():
+    cfg = load_config(None)
+    state = create_state(cfg)
+    state = state.replace(params={**state.params, "mu": jnp.asarray(np.random.default_rng(0).normal(size=(3, 3)),
+                                                                    jnp.float32)})
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 100, 8)).astype(np.float32)
+    batch = {"x": jnp.asarray(x), "target": jnp.asarray(rng.integers(0, 20, 8)), "label": jnp.zeros(8, jnp.int32)}
+    grads_fn = jax.jit(make_grads_fn(cfg))
+    g_pre, _, _ = grads_fn(state.replace(alpha=jnp.float32(0), cluster_weight=jnp.float32(0)), batch)
+    g_joint, _, _ = grads_fn(state.replace(alpha=jnp.float32(4), cluster_weight=jnp.float32(1)), batch)
+    assert np.all(np.asarray(g_pre["mu"]) == 0)
+    assert np.abs(np.asarray(g_joint["mu"])).sum() > 0
+    # the clustering loss also reaches the network through z
+    diff = np.abs(np.asarray(g_joint["agg"]["dense"]["kernel"]) - np.asarray(g_pre["agg"]["dense"]["kernel"])).sum()
+    assert diff > 0

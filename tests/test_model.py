@@ -1,0 +1,102 @@
+"""The network is the original's function: shapes, parameter count, kNN, GAP layer, BatchNorm."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ucluster_jax.config import load_config
+from ucluster_jax.model.batchnorm import BatchNorm, bn_decay
+from ucluster_jax.model.knn import eta_phi_distance, knn_indices
+from ucluster_jax.model.networks import UCluster, count_params, init_variables
+
+
+def jets(b=4, n=100, real=40, seed=0, f=8):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, n, f)).astype(np.float32)
+    x[:, real:] = 0.0
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("path", [None, "configs/wztop.yaml"])
+def test_parameter_count_is_the_originals(path):
+    cfg = load_config(path)
+    assert count_params(init_variables(cfg.model, 0)["params"]) == 186_210
+
+
+def test_knn_includes_self_and_skips_padding():
+    x = jets(real=30)
+    idx = np.asarray(knn_indices(eta_phi_distance(x), 10))
+    assert idx.shape == (4, 100, 10)
+    assert (idx[:, :30, 0] == np.arange(30)).all()  # nearest is the point itself
+    assert (idx[:, :30] < 30).all()  # real points never pick padded ones
+
+
+def test_knn_phi_wrap_term():
+    # two points 2pi+0.1 apart in phi: the original adds 4pi^2 - 4pi|dphi| to the squared distance
+    x = np.zeros((1, 3, 8), np.float32)
+    x[0, :, 2] = 1.0
+    x[0, 1, 1] = 2 * np.pi + 0.1
+    d = np.asarray(eta_phi_distance(jnp.asarray(x)))
+    dphi = 2 * np.pi + 0.1
+    assert d[0, 0, 1] == pytest.approx(dphi**2 + 4 * np.pi**2 - 4 * np.pi * dphi, abs=1e-4)  # = (dphi - 2pi)^2
+    assert d[0, 0, 1] < 0.02
+
+
+def test_edge_dense_per_point_equals_per_edge():
+    cfg = load_config(None).model
+    x = jets()
+    variables = init_variables(cfg, 1)
+    for train in (True, False):
+        kw = dict(train=train, decay=0.5, mutable=["batch_stats"]) if train else dict(train=False)
+        a = UCluster(cfg, edge_per_point=True).apply(variables, x, **kw)
+        b = UCluster(cfg, edge_per_point=False).apply(variables, x, **kw)
+        a, b = (a[0], b[0]) if train else (a, b)
+        for key in ("z", "logits", "dist"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=2e-5)
+
+
+def test_batchnorm_matches_tf1_semantics():
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(8, 5, 4)).astype(np.float32))
+    bn = BatchNorm(epsilon=1e-3)
+    v = bn.init(jax.random.PRNGKey(0), x, train=True, decay=0.9)
+    assert np.all(np.asarray(v["batch_stats"]["mean"]) == 0) and np.all(np.asarray(v["batch_stats"]["var"]) == 0)
+    y, upd = bn.apply(v, x, train=True, decay=0.9, mutable=["batch_stats"])
+    xn = np.asarray(x).reshape(-1, 4)
+    mean, var = xn.mean(0), xn.var(0)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 4), (xn - mean) / np.sqrt(var + 1e-3), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.1 * var, rtol=1e-5)
+    y_eval = bn.apply({**v, "batch_stats": upd["batch_stats"]}, x, train=False, decay=0.9)
+    np.testing.assert_allclose(np.asarray(y_eval).reshape(-1, 4), (xn - 0.1 * mean) / np.sqrt(0.1 * var + 1e-3),
+                               rtol=1e-4)
+
+
+def test_bn_decay_schedule():
+    assert float(bn_decay(0)) == pytest.approx(0.5)
+    assert float(bn_decay(499_999)) == pytest.approx(0.5)
+    assert float(bn_decay(500_000)) == pytest.approx(0.75)
+    assert float(bn_decay(1_000_000)) == pytest.approx(0.875)
+    assert float(bn_decay(10_000_000)) == pytest.approx(0.99)
+
+
+def test_mean_pooling_includes_padding_unless_masked():
+    cfg = load_config(None).model
+    x = jets(real=20)
+    v = init_variables(cfg, 0)
+    z = UCluster(cfg).apply(v, x, train=False)["z"]
+    cfg_m = load_config(None, ["model.mask_padding=true"]).model
+    zm = UCluster(cfg_m).apply(v, x, train=False)["z"]
+    assert z.shape == (4, 3) and not np.allclose(z, zm)
+
+
+def test_anomaly_variant_is_a_config_of_the_same_code():
+    cfg = load_config("configs/anomaly.yaml").model
+    x = jets(b=2, f=7)
+    g = jnp.ones((2, 4))
+    v = init_variables(cfg, 0)
+    assert "global_expand" in v["params"]
+    assert v["params"]["agg"]["dense"]["kernel"].shape == (864, 2)
+    out = UCluster(cfg).apply(v, x, train=False, global_features=g)
+    assert out["z"].shape == (2, 2)
+    assert out["logits"].shape == (2, 100, 21)  # per-particle head
+    assert out["dist"].shape == (2, 2)

@@ -1,0 +1,108 @@
+"""`ucluster evaluate`: cluster a dataset with a trained run and score it.
+
+Writes RUN_DIR/eval/: summary.json (globally matched accuracy first, the original's per-batch figure
+beside it, confusion matrix, n_jets), per_jet.parquet (cluster, distances, latent, truth, mass) and
+PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ucluster_jax import checkpoint, plots
+from ucluster_jax.config import Config, config_from_dict
+from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.errors import UserError
+from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
+from ucluster_jax.parallel.runtime import setup
+from ucluster_jax.train.state import create_state
+
+
+def load_run(run_dir: Path) -> tuple[Config, Any, dict]:
+    """The run's config and its newest intact checkpoint (host state)."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    except FileNotFoundError:
+        raise UserError(f"{run_dir}: not a run directory (no config.json)") from None
+    state, meta = checkpoint.load_latest(run_dir, create_state(cfg))
+    return cfg, state, meta
+
+
+def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True) -> dict[str, Any]:
+    from ucluster_jax.train.loop import embed
+
+    cfg, state, meta = load_run(run_dir)
+    rt = setup("auto")
+    ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
+    o = embed(rt, cfg, state, ds, train_mode_bn=False, batch=cfg.train.eval_batch_size)
+    parts = {k: rt.gather_rows(v) for k, v in o.items()}
+    if not rt.is_root:
+        return {}
+    k = cfg.model.num_clusters
+    cluster = np.argmin(parts["dist"], axis=1)
+    label = parts["label"].astype(np.int64)
+    cont = contingency_np(cluster, label, k, 3)
+    acc, mapping = matched_accuracy(cont) if cont.sum() else (float("nan"), np.arange(k))
+    B = cfg.train.eval_batch_size
+    per_batch = np.stack([contingency_np(cluster[i:i + B], label[i:i + B], k, 3) for i in range(0, len(cluster), B)])
+    summary = {
+        "accuracy_global": acc,
+        "accuracy_per_batch": per_batch_accuracy(per_batch),
+        "confusion": cont.tolist(),
+        "confusion_rows": "clusters", "confusion_cols": ["W", "Z", "top"],
+        "cluster_to_class": mapping.tolist(),
+        "n_jets": int(len(cluster)),
+        "n_labelled": int((label >= 0).sum()),
+        "checkpoint_step": int(meta["step"]), "checkpoint_epoch": int(meta["epoch"]),
+        "data": str(data), "run": str(run_dir),
+    }
+    out = Path(out) if out else Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    table = {"cluster": cluster.astype(np.int32), "label": label.astype(np.int32),
+             "mass": parts["mass"].astype(np.float32)}
+    for i in range(k):
+        table[f"dist_{i}"] = parts["dist"][:, i].astype(np.float32)
+    for i in range(parts["z"].shape[1]):
+        table[f"z_{i}"] = parts["z"][:, i].astype(np.float32)
+    tmp = out / ".per_jet.parquet.tmp"
+    pq.write_table(pa.table(table), tmp)
+    tmp.replace(out / "per_jet.parquet")
+    if plots_too:
+        mu = np.asarray(state.params["mu"])
+        plots.latent_plot(parts["z"], cluster, label, mu, out / "latent.png", seed=cfg.train.seed)
+        plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png")
+        metrics_file = Path(run_dir) / "metrics.jsonl"
+        if metrics_file.exists():
+            recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            if recs:
+                plots.training_curves(recs, out / "training.png")
+    checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, type=Path, help="run directory written by `ucluster train`")
+    p.add_argument("--data", required=True, type=Path, help="parquet dataset to cluster")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    s = evaluate(args.run, args.data, args.out, plots_too=not args.no_plots)
+    if s:
+        cont = np.asarray(s["confusion"])
+        print(f"accuracy (global, Hungarian-matched): {s['accuracy_global']:.4f}")
+        print(f"accuracy (per-batch matched, the original's figure): {s['accuracy_per_batch']:.4f}")
+        print("confusion (rows: clusters; columns: W Z top):")
+        for k, row in enumerate(cont):
+            print(f"  cluster {k} -> {['W', 'Z', 'top'][s['cluster_to_class'][k]] if s['cluster_to_class'][k] >= 0 else '-':>3s}: "
+                  + " ".join(f"{v:8d}" for v in row))
+        print(f"jets: {s['n_jets']}; wrote {(args.out or args.run / 'eval')}")
+    return 0

@@ -1,0 +1,41 @@
+"""k-nearest-neighbour graphs, computed as the original does (so imported models pick the same edges)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def pairwise_sq_dist(x: Array) -> Array:
+    """|x_i|^2 - 2 x_i.x_j + |x_j|^2 over the last axis: [B,N,C] -> [B,N,N] (the original's expansion)."""
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    inner = jnp.einsum("bnc,bmc->bnm", x, x)
+    return sq - 2.0 * inner + jnp.swapaxes(sq, 1, 2)
+
+
+def eta_phi_distance(x: Array, padding_penalty: float = 1000.0) -> Array:
+    """Distance in (etarel, phirel), with the original's 2pi phi correction and padding penalty.
+
+    Padded points (feature 2, log ptrel, exactly 0) get `padding_penalty` added to their row and their
+    column, so real points never pick them as neighbours.
+    """
+    pts = x[..., :2]
+    d = pairwise_sq_dist(pts)
+    dphi = jnp.abs(pts[..., None, :, 1] - pts[..., :, None, 1])
+    d = d + jnp.where(dphi >= 2 * math.pi, 4 * math.pi**2 - 4 * math.pi * dphi, 0.0)
+    shift = padding_penalty * (x[..., 2] == 0).astype(x.dtype)
+    return d + shift[..., :, None] + shift[..., None, :]
+
+
+def knn_indices(dist: Array, k: int) -> Array:
+    """Indices of the k smallest distances per row (the point itself included): [B,N,N] -> [B,N,k]."""
+    _, idx = jax.lax.top_k(-jax.lax.stop_gradient(dist), k)
+    return idx
+
+
+def gather_neighbours(x: Array, idx: Array) -> Array:
+    """x [B,N,C], idx [B,N,k] -> [B,N,k,C]."""
+    return jax.vmap(lambda xb, ib: xb[ib])(x, idx)

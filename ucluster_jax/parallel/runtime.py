@@ -1,0 +1,196 @@
+"""One object that hides how the global batch is split: single device, local devices (pmap), MPI ranks
+(mpi4jax), both at once, or jax.distributed collectives. The training loop talks only to this.
+
+Engines
+- single: one device, one process.
+- local: pmap over this host's devices; BN moments and gradients psum'd/pmean'd over the devices.
+- mpi: one device per rank; BN moments and the flattened gradients allreduced with mpi4jax inside the
+  jitted step, so the run is the single-process run on the global batch.
+- hybrid: several devices per rank under mpirun. mpi4jax cannot run inside a multi-device computation,
+  so the step is two-stage: gradients pmean'd over local devices, one device's copy allreduced over
+  ranks in a single-device jit, update there, parameters replicated back. BN moments are global
+  over the local devices only (per-rank batch statistics, as Horovod); moving statistics are averaged
+  over ranks so replicas stay identical. Use engine=jax_distributed for exact global-batch BN.
+- jax_distributed: jax.distributed.initialize (MPI cluster detection) + pmap over every device of
+  every process; psum spans processes (gloo on CPU, NCCL on GPU). Exact global-batch semantics.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ucluster_jax.config import Config
+from ucluster_jax.errors import UserError
+from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum
+from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
+
+ENGINES = ("auto", "single", "local", "mpi", "hybrid", "jax_distributed")
+AXIS = "replica"
+
+
+@dataclass
+class Runtime:
+    engine: str
+    rank: int = 0
+    world: int = 1  # processes
+    devices: list = field(default_factory=lambda: jax.local_devices()[:1])
+    comm: MPIComm | None = None
+
+    @property
+    def num_local(self) -> int:
+        return len(self.devices)
+
+    @property
+    def replicas(self) -> int:
+        return self.world * self.num_local
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def replicated(self) -> bool:
+        """State carries a leading device axis (pmap engines)."""
+        return self.engine in ("local", "hybrid", "jax_distributed")
+
+    def local_batch(self, global_batch: int) -> int:
+        """Jets this process reads per step."""
+        if global_batch % self.replicas:
+            raise UserError(f"global batch {global_batch} is not divisible by {self.replicas} replicas "
+                            f"({self.world} processes x {self.num_local} devices)")
+        return global_batch // self.world
+
+    # ---- the step ----
+    def make_step(self, cfg: Config) -> Callable:
+        """A compiled `step(state, batch) -> (state, metrics)` on this runtime's placement."""
+        R = self.replicas
+        if self.engine == "single":
+            return jax.jit(make_train_step(cfg), donate_argnums=0)
+        if self.engine == "mpi":
+            c = self.comm
+            return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R),
+                           donate_argnums=0)
+        psum = lambda v: jax.lax.psum(v, AXIS)  # noqa: E731
+        if self.engine in ("local", "jax_distributed"):
+            pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
+            step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R)
+            return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices())
+        # hybrid: local pmean inside pmap, then mpi4jax on one device's copy
+        grads_fn = make_grads_fn(cfg, replica_sum=psum)
+        apply_fn = make_apply_fn(cfg, world=R)
+        c = self.comm
+
+        def local(state, batch):
+            grads, stats, metrics = grads_fn(state, batch)
+            return jax.lax.pmean(grads, AXIS), jax.lax.pmean(stats, AXIS), metrics
+
+        local_p = jax.pmap(local, axis_name=AXIS, devices=self.devices)
+
+        @jax.jit
+        def across(state, grads, stats, metrics, local_batch):
+            grads, stats = c.tree_mean((grads, stats))
+            return apply_fn(state, grads, stats, metrics, local_batch)
+
+        def step(state, batch):
+            grads, stats, metrics = local_p(state, batch)
+            one = lambda t: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data, t)  # noqa: E731
+            new_state, m = across(one(state), one(grads), one(stats), metrics_sum(metrics), batch["x"].shape[1])
+            return self.put_state(new_state), m
+
+        return step
+
+    def _pmap_devices(self):
+        return None if self.engine == "jax_distributed" else self.devices
+
+    # ---- placement ----
+    def put_state(self, state: Any) -> Any:
+        if self.replicated:
+            return jax.device_put_replicated(state, self.devices)
+        return jax.device_put(state, self.devices[0])
+
+    def host_state(self, state: Any) -> Any:
+        """A host copy of the (identical) replica's state."""
+        if self.replicated:
+            state = jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data, state)
+        return jax.device_get(state)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Local batch -> devices: [B_local, ...] split over local devices as [D, B_local/D, ...]."""
+        if not self.replicated:
+            return jax.device_put(batch, self.devices[0])
+        D = self.num_local
+        return {k: jax.device_put_sharded(list(v.reshape((D, -1) + v.shape[1:])), self.devices)
+                for k, v in batch.items()}
+
+    def step_metrics(self, metrics: dict) -> dict:
+        """Per-step metrics summed over local devices (still on device: no host round trip)."""
+        return metrics_sum(metrics) if self.replicated and self.engine != "hybrid" else metrics
+
+    # ---- host-side reductions (epoch ends, k-means, checks) ----
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return self.comm.host_sum(np.asarray(x)) if self.comm is not None else np.asarray(x)
+
+    def bcast(self, obj: Any) -> Any:
+        return self.comm.bcast(obj) if self.comm is not None else obj
+
+    def gather_rows(self, x: np.ndarray) -> np.ndarray | None:
+        return self.comm.gather_rows(x) if self.comm is not None else x
+
+    def check_replicas(self, state: Any, where: str) -> None:
+        """Stop with a clear error if the replicas' parameters differ (they must be bit-identical)."""
+        params = self.host_state(state).params
+        mine = param_checksum(params)
+        if self.replicated and self.num_local > 1:
+            local = {param_checksum(jax.device_get(jax.tree_util.tree_map(lambda a: a.addressable_shards[i].data,
+                                                                          state.params)))
+                     for i in range(self.num_local)}
+            if len(local) > 1:
+                raise UserError(f"{where}: parameters differ between the local devices of rank {self.rank}")
+        if self.comm is not None:
+            sums = self.comm.allgather(mine)
+            if len(set(sums)) > 1:
+                bad = [r for r, s in enumerate(sums) if s != sums[0]]
+                raise UserError(f"{where}: replicas diverged: parameters on rank(s) {bad} differ from rank 0")
+
+
+def metrics_sum(metrics: dict) -> dict:
+    """Sum over the leading device axis: losses become sums of per-device means."""
+    return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), metrics)
+
+
+def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
+    """Pick the engine from the launch (mpirun or not) and the visible devices."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    _, size = launched_world()
+    if engine == "jax_distributed":
+        if jax.default_backend() == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(cluster_detection_method="mpi4py")
+        rank, world = jax.process_index(), jax.process_count()
+        devices = jax.local_devices()[:num_devices] if num_devices else jax.local_devices()
+        return Runtime("jax_distributed", rank, world, devices, MPIComm() if world > 1 else None)
+    devices = jax.local_devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise UserError(f"asked for {num_devices} devices, {len(devices)} visible "
+                            "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        devices = devices[:num_devices]
+    elif devices[0].platform == "cpu":
+        devices = devices[:1]  # CPU "devices" share the same cores: one unless asked
+    if engine == "auto":
+        engine = {(False, False): "single", (False, True): "local", (True, False): "mpi",
+                  (True, True): "hybrid"}[(size > 1, len(devices) > 1)]
+    if engine in ("mpi", "hybrid"):
+        comm = MPIComm()
+        if engine == "mpi":
+            devices = devices[:1]
+        return Runtime(engine, comm.rank, comm.size, devices, comm)
+    if engine == "single":
+        devices = devices[:1]
+    return Runtime(engine, 0, 1, devices, None)

@@ -1,0 +1,79 @@
+"""PNG plots people look at: the latent space by cluster and by truth, jet mass per cluster, training curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CLASS_NAMES = ("W", "Z", "top")
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.ndarray | None, path: Path,
+                max_points: int = 20000, seed: int = 0) -> Path:
+    """Pairs of latent dimensions, coloured by assigned cluster (top row) and by truth (bottom row)."""
+    rng = np.random.default_rng(seed)
+    sel = rng.permutation(len(z))[:max_points]
+    z, cluster, label = z[sel], cluster[sel], label[sel]
+    d = z.shape[1]
+    pairs = [(i, j) for i in range(d) for j in range(i + 1, d)] or [(0, 0)]
+    fig, axes = plt.subplots(2, len(pairs), figsize=(4.2 * len(pairs), 8), squeeze=False)
+    for col, (i, j) in enumerate(pairs):
+        for row, (colour, title) in enumerate(((cluster, "cluster"), (label, "truth"))):
+            ax = axes[row, col]
+            for v in np.unique(colour):
+                m = colour == v
+                name = f"cluster {v}" if row == 0 else (CLASS_NAMES[v] if 0 <= v < 3 else "unknown")
+                ax.scatter(z[m, i], z[m, j], s=2, alpha=0.4, label=name)
+            if mu is not None:
+                ax.scatter(mu[:, i], mu[:, j], marker="x", c="k", s=80, label="centroids")
+            ax.set_xlabel(f"z{i}")
+            ax.set_ylabel(f"z{j}")
+            ax.set_title(f"latent by {title}")
+            ax.legend(markerscale=4, fontsize=7)
+    return _save(fig, path)
+
+
+def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, path: Path) -> Path:
+    """Jet mass of each cluster, and of each truth class for comparison."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bins = np.linspace(0, 250, 51)
+    for c in range(k):
+        axes[0].hist(mass[cluster == c], bins=bins, histtype="step", lw=1.5, label=f"cluster {c}")
+    for c in np.unique(label[label >= 0]):
+        axes[1].hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=CLASS_NAMES[c] if c < 3 else str(c))
+    for ax, title in zip(axes, ("jet mass per cluster", "jet mass per truth class")):
+        ax.set_xlabel("jet mass [GeV]")
+        ax.set_ylabel("jets")
+        ax.set_title(title)
+        ax.legend()
+    return _save(fig, path)
+
+
+def training_curves(records: list[dict], path: Path) -> Path:
+    """Loss parts and accuracies per epoch from metrics.jsonl."""
+    ep = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "focal", "kmeans"):
+        axes[0].plot(ep, [r.get(key) for r in records], label=key)
+    axes[0].set_yscale("log")
+    for key in ("train_acc", "train_acc_per_batch", "test_acc"):
+        vals = [r.get(key) for r in records]
+        if any(v is not None for v in vals):
+            axes[1].plot(ep, [np.nan if v is None else v for v in vals], label=key)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend()
+    axes[1].set_ylabel("matched accuracy")
+    return _save(fig, path)

@@ -1,0 +1,231 @@
+"""The two-phase training loop (SPEC section 3) and `ucluster train`.
+
+Epochs [0, pretrain_epochs) train the focal loss alone; before epoch `pretrain_epochs` k-means++ on
+the embedding of the whole training set places the centroids; from then on the joint loss with
+alpha growing each epoch. Files -> batches -> step -> metrics; only rank 0 logs and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ucluster_jax import checkpoint
+from ucluster_jax.config import Config, load_config
+from ucluster_jax.data.prefetch import prefetch
+from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.errors import CheckpointError, DataError, UserError
+from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
+from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
+from ucluster_jax.progress import Progress
+from ucluster_jax.train.kmeans import kmeans
+from ucluster_jax.train.state import TrainState, create_state
+from ucluster_jax.train.step import make_eval_fn
+
+
+def phase(cfg: Config, epoch: int) -> tuple[float, float]:
+    """(alpha, cluster_weight) for an epoch: 0 weight while pre-training, then beta with alpha growing."""
+    t, lc = cfg.train, cfg.loss
+    if epoch < t.pretrain_epochs:
+        return 0.0, 0.0
+    return lc.alpha_scale * (epoch - t.pretrain_epochs + 2), lc.beta
+
+
+def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
+    m = ds.meta
+    want = (cfg.model.num_points, cfg.model.num_features, cfg.model.num_targets)
+    have = (m.num_points, m.num_features, m.num_targets)
+    if want != have:
+        raise DataError(f"{path}: data has (points, features, targets) = {have}, the config's model expects {want}")
+
+
+def embed(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset, *, train_mode_bn: bool,
+          batch: int) -> dict[str, np.ndarray]:
+    """Embeddings, distances and labels of this rank's jets, in file order (one device per rank)."""
+    fn = jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
+    dev = rt.devices[0]
+    state = jax.device_put(host_state, dev)
+    outs: dict[str, list] = {"z": [], "dist": [], "label": [], "mass": [], "logits": []}
+    for b in ds.iter_all(batch):
+        o = fn(state, jax.device_put(b["x"], dev), b.get("global"))
+        for k in ("z", "dist", "logits"):
+            outs[k].append(o[k])
+        outs["label"].append(b["label"])
+        outs["mass"].append(b["mass"])
+    if not outs["z"]:
+        return {k: np.zeros((0,)) for k in outs}
+    return {k: np.concatenate(jax.device_get(v)) for k, v in outs.items()}
+
+
+def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset, local_batch: int) -> np.ndarray:
+    """Global k-means: every rank embeds its part, rank 0 clusters all of it, the result is broadcast."""
+    z = embed(rt, cfg, host_state, ds, train_mode_bn=cfg.train.kmeans_embeddings == "train_mode",
+              batch=local_batch)["z"]
+    everything = rt.gather_rows(z)
+    mu = None
+    if rt.is_root:
+        mu = kmeans(everything, cfg.model.num_clusters, seed=cfg.train.seed,
+                    restarts=cfg.train.kmeans_restarts, iters=cfg.train.kmeans_iters)
+    return np.asarray(rt.bcast(mu), np.float32)
+
+
+class Logger:
+    """One line per epoch on stdout and a JSONL record (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+
+    def epoch(self, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        acc = "" if rec.get("train_acc") is None else f" acc {rec['train_acc']:.4f} (per-batch {rec['train_acc_per_batch']:.4f})"
+        test = "" if rec.get("test_acc") is None else f" test acc {rec['test_acc']:.4f}"
+        print(f"epoch {rec['epoch']:3d} loss {rec['loss']:.5f} (focal {rec['focal']:.5f} kmeans {rec['kmeans']:.5f})"
+              f"{acc}{test} lr {rec['lr']:.2e} alpha {rec['alpha']:g} {rec['jets_per_s']:,.0f} jets/s", flush=True)
+
+
+def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, resume: bool = False,
+          engine: str = "auto", num_devices: int | None = None, rt: Runtime | None = None) -> dict[str, Any]:
+    """Run (or continue) training; returns the last epoch's record."""
+    rt = rt or setup(engine, num_devices=num_devices)
+    t = cfg.train
+    ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
+    check_data(cfg, ds, data)
+    test_ds = ParquetDataset(test_data, rank=rt.rank, world=rt.world) if test_data else None
+    local_batch = rt.local_batch(t.batch_size)
+    out = Path(out)
+    if rt.is_root:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+
+    host = create_state(cfg)
+    start_epoch = 0
+    if resume:
+        host, start_epoch = resume_state(rt, cfg, out, host)
+    state = rt.put_state(host)
+    rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
+    step_fn = rt.make_step(cfg)
+    log = Logger(out, rt.is_root)
+    rec: dict[str, Any] = {}
+
+    for epoch in range(start_epoch, t.epochs):
+        host = rt.host_state(state)
+        if epoch == t.pretrain_epochs:
+            mu = init_centroids(rt, cfg, host, ds, local_batch)
+            host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
+            if rt.is_root:
+                print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}", flush=True)
+        alpha, weight = phase(cfg, epoch)
+        state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight)))
+
+        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, local_batch)
+        host = rt.host_state(state)
+        if int(host.nonfinite_steps) > 0:
+            msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
+                   f"({int(host.nonfinite_steps)} update(s) skipped)")
+            if t.nonfinite == "stop":
+                last = checkpoint.list_checkpoints(out)
+                raise UserError(f"{msg}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
+            rec["nonfinite_skipped"] = int(host.nonfinite_steps)
+        rt.check_replicas(state, f"epoch {epoch}")
+        if test_ds is not None:
+            rec.update(evaluate_split(rt, cfg, host, test_ds, local_batch, prefix="test"))
+        rec.update(alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
+        if rt.is_root:
+            checkpoint.save(out, host, step=int(host.step), keep=t.keep_checkpoints,
+                            meta={"epoch": epoch, "config": cfg.to_dict(), "world": rt.world, "replicas": rt.replicas,
+                                  "engine": rt.engine})
+        log.epoch(rec)
+    return rec
+
+
+def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, local_batch: int):
+    steps = ds.steps_per_epoch(local_batch, epoch)
+    if steps == 0:
+        raise DataError(f"{ds.path}: fewer jets per rank than the batch ({local_batch}); nothing to train on")
+    bar = Progress(steps * local_batch * rt.world, "jets", f"epoch {epoch}", enabled=rt.is_root)
+    sums = None
+    per_batch = []
+    batches = ds.batches(local_batch, seed=cfg.train.seed, epoch=epoch, shuffle=cfg.train.shuffle,
+                         buffer_row_groups=cfg.train.shuffle_buffer_row_groups)
+    n = 0
+    for batch in prefetch(batches, rt.put_batch):
+        state, m = step_fn(state, batch)
+        m = rt.step_metrics(m)
+        per_batch.append(m.pop("contingency"))
+        sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
+        n += 1
+        if bar.due():
+            jax.block_until_ready(sums["loss"])
+            bar.update(n * local_batch * rt.world)
+    jax.block_until_ready(state)
+    bar.close()
+    if n != steps:
+        raise DataError(f"{ds.path}: rank {rt.rank} read {n} batches in epoch {epoch}, expected {steps}")
+    host_sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    rate = n * local_batch * rt.world / (time.perf_counter() - bar.start)
+    cont = rt.sum(np.stack(jax.device_get(per_batch)).astype(np.int64))  # [steps, K, C], all ranks
+    loss_parts = rt.sum(np.array([host_sums["loss"], host_sums["focal"], host_sums["kmeans"]])) / (n * rt.replicas)
+    rec = {"loss": loss_parts[0], "focal": loss_parts[1], "kmeans": loss_parts[2], "lr": host_sums["lr"] / n,
+           "jets_per_s": rate, "steps": n}
+    if cfg.train.pretrain_epochs <= epoch and cont.sum() > 0:
+        rec["train_acc"] = matched_accuracy(cont.sum(0))[0]
+        rec["train_acc_per_batch"] = per_batch_accuracy(cont)
+    return state, rec
+
+
+def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, batch: int, prefix: str) -> dict:
+    o = embed(rt, cfg, host, ds, train_mode_bn=False, batch=batch)
+    from ucluster_jax.metrics import contingency_np
+
+    cont = rt.sum(contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), cfg.model.num_clusters, 3)
+                  if len(o["z"]) else np.zeros((cfg.model.num_clusters, 3), np.int64))
+    return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None}
+
+
+def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int]:
+    """Rank 0 reads and verifies the newest intact checkpoint; everyone gets the same bytes."""
+    payload = None
+    if rt.is_root:
+        try:
+            state, meta = checkpoint.load_latest(out, template)
+            payload = (jax.device_get(state), meta, None)
+        except CheckpointError as e:
+            payload = (None, None, str(e))
+    state, meta, err = rt.bcast(payload)
+    if err:
+        raise CheckpointError(err)
+    if meta["config"]["model"] != cfg.to_dict()["model"]:
+        raise CheckpointError(f"{out}: checkpoint was written with a different model configuration; "
+                              "resume with the config it was trained with")
+    return state, int(meta["epoch"]) + 1
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (configs/wztop.yaml: the original's)")
+    p.add_argument("--data", required=True, type=Path, help="parquet dataset directory (ucluster prepare/toy)")
+    p.add_argument("--out", required=True, type=Path, help="run directory: checkpoints, metrics.jsonl, config")
+    p.add_argument("--test-data", type=Path, help="parquet dataset scored after every epoch")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="data-parallel engine (auto: mpi under mpirun, local with several devices)")
+    p.add_argument("--devices", type=int, help="local devices to use (default: all GPUs, one CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.data, args.out, test_data=args.test_data, resume=args.resume, engine=args.engine,
+          num_devices=args.devices)
+    return 0

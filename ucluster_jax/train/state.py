@@ -1,0 +1,81 @@
+"""Training state in one pytree, the original's Adam, and the samples-seen schedules."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from ucluster_jax.config import Config, TrainConfig
+from ucluster_jax.model.networks import init_variables
+
+Array = jax.Array
+
+
+class AdamState(NamedTuple):
+    count: Array
+    mu: Any
+    nu: Any
+
+
+def tf1_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam as TF1's AdamOptimizer: lr_t = sqrt(1-b2^t)/(1-b1^t), update m/(sqrt(v)+eps), unscaled by lr.
+
+    (optax.adam puts eps inside the bias correction; the difference is tiny, but imported TF1
+    optimizer slots then continue exactly.)
+    """
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return AdamState(jnp.zeros((), jnp.int32), zeros, jax.tree_util.tree_map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        scale = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree_util.tree_map(lambda m, v: scale * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, AdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+@struct.dataclass
+class TrainState:
+    step: Array  # optimizer steps taken
+    samples_seen: Array  # global jets seen: drives the LR and BN-decay schedules
+    params: Any
+    batch_stats: Any
+    opt_state: AdamState
+    alpha: Array  # Deep k-Means softmax sharpness, set per epoch
+    cluster_weight: Array  # 0 during pre-training, beta in the joint phase
+    nonfinite_steps: Array  # updates skipped because the loss or gradients were not finite
+    first_nonfinite_step: Array  # -1 if none
+
+
+def create_state(cfg: Config) -> TrainState:
+    variables = init_variables(cfg.model, cfg.train.seed)
+    params = variables["params"]
+    i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+    return TrainState(
+        step=i32(0), samples_seen=i32(0), params=params, batch_stats=variables["batch_stats"],
+        opt_state=tf1_adam().init(params), alpha=jnp.float32(0.0), cluster_weight=jnp.float32(0.0),
+        nonfinite_steps=i32(0), first_nonfinite_step=i32(-1))
+
+
+def learning_rate(samples_seen: Array, t: TrainConfig, world: int = 1) -> Array:
+    """lr0 * rate^floor(samples / decay_samples), floored at lr_min (the original's staircase).
+
+    With lr_scaling="linear", lr0 is multiplied by the world size, reached by a linear warm-up.
+    """
+    base = t.learning_rate
+    if t.lr_scaling == "linear" and world > 1:
+        base = base * world
+    lr = jnp.maximum(base * t.lr_decay_rate ** jnp.floor(samples_seen / t.lr_decay_samples), t.lr_min)
+    if t.lr_scaling == "linear" and t.lr_warmup_samples > 0:
+        lr = lr * jnp.minimum(1.0, (samples_seen + t.batch_size) / t.lr_warmup_samples)
+    return lr

@@ -1,0 +1,115 @@
+"""The pure training step: one jitted combined loss, gradients, the original's Adam update.
+
+The step knows nothing of devices or MPI: data parallelism passes two reductions in,
+`replica_sum` (BatchNorm moments over the global batch) and `grad_mean` (gradients over replicas).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ucluster_jax.config import Config
+from ucluster_jax.losses import combined_loss
+from ucluster_jax.model.batchnorm import ReplicaSum, bn_decay
+from ucluster_jax.model.networks import UCluster
+from ucluster_jax.train.state import TrainState, learning_rate, tf1_adam
+
+Array = jax.Array
+Batch = dict[str, Array]
+GradMean = Callable[[dict], dict]
+
+
+def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) -> Array:
+    """Counts of (nearest centroid, truth class) for the jets with a known class; [K, C] int32."""
+    cluster = jnp.argmin(dist, axis=-1)
+    valid = label >= 0
+    onehot_k = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.int32) * valid[:, None]
+    onehot_c = jax.nn.one_hot(jnp.where(valid, label, 0), num_classes, dtype=jnp.int32)
+    return onehot_k.T @ onehot_c
+
+
+def make_train_step(cfg: Config, *, replica_sum: ReplicaSum | None = None, grad_mean: GradMean | None = None,
+                    world: int = 1, num_classes: int = 3) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Build `train_step(state, batch) -> (state, metrics)`.
+
+    `world` is the number of replicas the global batch is split over (samples seen, linear LR scaling).
+    """
+    grads_fn = make_grads_fn(cfg, replica_sum=replica_sum, num_classes=num_classes)
+    apply_fn = make_apply_fn(cfg, world=world)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        grads, new_stats, metrics = grads_fn(state, batch)
+        if grad_mean is not None:
+            grads = grad_mean(grads)
+        return apply_fn(state, grads, new_stats, metrics, batch["x"].shape[0])
+
+    return train_step
+
+
+def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_classes: int = 3):
+    """First half of the step: forward, combined loss, gradients, new BN statistics, batch metrics."""
+    model = UCluster(cfg.model, replica_sum=replica_sum)
+    t, lc = cfg.train, cfg.loss
+
+    def grads_fn(state: TrainState, batch: Batch):
+        decay = bn_decay(state.samples_seen, t.bn_decay_init, t.bn_decay_rate, t.bn_decay_samples, t.bn_decay_clip)
+
+        def loss_fn(params):
+            out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["x"],
+                                        train=True, decay=decay, global_features=batch.get("global"),
+                                        mutable=["batch_stats"])
+            loss, parts = combined_loss(out, batch["target"], alpha=state.alpha, cluster_weight=state.cluster_weight,
+                                        gamma=lc.focal_gamma, focal_alpha=lc.focal_alpha)
+            return loss, (parts, new_vars["batch_stats"], out["dist"])
+
+        (loss, (parts, new_stats, dist)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = {"loss": loss, "focal": parts["focal"], "kmeans": parts["kmeans"],
+                   "contingency": contingency(dist, batch["label"], cfg.model.num_clusters, num_classes)}
+        return grads, new_stats, metrics
+
+    return grads_fn
+
+
+def make_apply_fn(cfg: Config, *, world: int = 1):
+    """Second half: the original's Adam update at the scheduled LR, skipping non-finite gradients.
+
+    Gradients arrive already averaged over replicas, so every replica takes the same decision.
+    """
+    adam = tf1_adam()
+
+    def apply_fn(state: TrainState, grads, new_stats, metrics: dict, local_batch: int):
+        lr = learning_rate(state.samples_seen, cfg.train, world)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        updates, opt_state = adam.update(grads, state.opt_state)
+        params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + finite.astype(jnp.int32),
+            samples_seen=state.samples_seen + jnp.where(finite, local_batch * world, 0).astype(jnp.int32),
+            params=keep(params, state.params), batch_stats=keep(new_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where((~finite) & (state.first_nonfinite_step < 0),
+                                           state.step, state.first_nonfinite_step),
+        )
+        return new_state, {**metrics, "lr": lr}
+
+    return apply_fn
+
+
+def make_eval_fn(cfg: Config, *, train_mode_bn: bool = False) -> Callable[[TrainState, Array], dict[str, Array]]:
+    """Embed jets: z, logits, distances. `train_mode_bn` normalises with the batch's own statistics
+    (how the original's k-means saw the embeddings) without touching the moving averages."""
+    model = UCluster(cfg.model)
+
+    def eval_fn(state: TrainState, x: Array, global_features: Array | None = None) -> dict[str, Array]:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        if train_mode_bn:
+            out, _ = model.apply(variables, x, train=True, decay=1.0, global_features=global_features,
+                                 mutable=["batch_stats"])
+            return out
+        return model.apply(variables, x, train=False, global_features=global_features)
+
+    return eval_fn
