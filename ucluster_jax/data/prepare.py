@@ -1,0 +1,298 @@
+"""`ucluster prepare`: hls4ml raw or UCluster-prepared HDF5 -> parquet dataset(s) (docs/DATA.md).
+
+Inputs are read in chunks, so files larger than memory work. The selection and features follow the
+original prepare step (SPEC section 1) except that the mass-bin target uses fixed bins for every file.
+Nothing appears in the output directories unless the whole conversion succeeds.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ucluster_jax.data.features import (
+    NUM_TARGETS, clean_name, hls4ml_particle_features, mass_bin, missing_particle_columns,
+)
+from ucluster_jax.data.schema import (
+    CLASS_NAMES, DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_SIZE, DatasetMeta, ShardWriter,
+)
+from ucluster_jax.errors import DataError, UserError
+
+HLS4ML_KEYS = ("jetConstituentList", "jets", "particleFeatureNames", "jetFeatureNames")
+PREPARED_KEYS = ("data", "pid", "label", "masses")
+TRUTH_COLUMNS = ("j_w", "j_z", "j_t")  # -> class 0, 1, 2
+DEFAULT_CHUNK = 4096
+MASS_WINDOW = (10.0, 200.0)  # exclusive, GeV
+
+
+@dataclass
+class FileReport:
+    """Per-input counts; a jet is counted under the first reason that drops it, in this order."""
+
+    path: str
+    format: str
+    num_points: int
+    read: int = 0
+    kept: int = 0
+    not_wzt: int = 0
+    nonfinite: int = 0
+    mass_window: int = 0
+    per_class: list[int] = field(default_factory=lambda: [0] * len(CLASS_NAMES))
+    unknown_label: int = 0
+
+    def line(self) -> str:
+        classes = ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, self.per_class))
+        unknown = f", unknown {self.unknown_label}" if self.unknown_label else ""
+        return (f"{self.path} ({self.format}): read {self.read}, kept {self.kept}; dropped: not W/Z/top "
+                f"{self.not_wzt}, mass window {self.mass_window}, non-finite {self.nonfinite}; {classes}{unknown}")
+
+
+@dataclass
+class _Input:
+    path: Path
+    format: str  # "hls4ml" or "prepared"
+    n: int
+    num_points: int
+    particle_names: list[str] = field(default_factory=list)
+    jet_columns: dict[str, int] = field(default_factory=dict)
+
+
+def _names(ds: h5py.Dataset) -> list[str]:
+    return [n.decode("utf-8", "replace") if isinstance(n, (bytes, np.bytes_)) else str(n) for n in ds[()]]
+
+
+def inspect_input(path: str | Path) -> _Input:
+    """Recognise the format from the HDF5 keys and check shapes, without reading the jets."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such input file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        keys = set(f.keys())
+        if set(HLS4ML_KEYS) <= keys:
+            c, j = f["jetConstituentList"], f["jets"]
+            pnames, jnames = _names(f["particleFeatureNames"]), _names(f["jetFeatureNames"])
+            if c.ndim != 3 or c.shape[2] != len(pnames):
+                raise DataError(f"{path}: jetConstituentList has shape {c.shape}, expected "
+                                f"[N, P, {len(pnames)}] (one column per particleFeatureNames entry)")
+            if j.ndim != 2 or j.shape[1] != len(jnames) or j.shape[0] != c.shape[0]:
+                raise DataError(f"{path}: jets has shape {j.shape}, expected [{c.shape[0]}, {len(jnames)}]")
+            missing = missing_particle_columns(pnames)
+            if missing:
+                raise DataError(f"{path}: particleFeatureNames lacks {missing}")
+            jcol = {clean_name(n): i for i, n in enumerate(jnames)}
+            missing = [k for k in ("j_mass",) + TRUTH_COLUMNS if k not in jcol]
+            if missing:
+                raise DataError(f"{path}: jetFeatureNames lacks {missing}")
+            inp = _Input(path, "hls4ml", c.shape[0], c.shape[1], pnames, jcol)
+        elif set(PREPARED_KEYS) <= keys:
+            d, pid, lab, m = (f[k] for k in PREPARED_KEYS)
+            n = d.shape[0] if d.ndim else 0
+            if d.ndim != 3 or d.shape[2] != 8:
+                raise DataError(f"{path}: data has shape {d.shape}, expected [N, P, 8]")
+            if pid.shape != (n,) or m.shape != (n,):
+                raise DataError(f"{path}: pid {pid.shape} and masses {m.shape} must both be [{n}]")
+            if lab.shape not in ((n, len(CLASS_NAMES)), (n,)):
+                raise DataError(f"{path}: label has shape {lab.shape}, expected [{n}, 3] one-hot or [{n}]")
+            inp = _Input(path, "prepared", n, d.shape[1])
+        else:
+            raise DataError(f"{path}: unrecognised HDF5 layout (keys: {', '.join(sorted(keys)) or 'none'}); "
+                            f"expected hls4ml raw {list(HLS4ML_KEYS)} or UCluster-prepared {list(PREPARED_KEYS)}")
+    if inp.n == 0:
+        raise DataError(f"{path}: holds no jets")
+    return inp
+
+
+def _hls4ml_chunks(f: h5py.File, inp: _Input, rep: FileReport, chunk: int) -> Iterator[dict[str, np.ndarray]]:
+    truth_idx = [inp.jet_columns[k] for k in TRUTH_COLUMNS]
+    mass_idx = inp.jet_columns["j_mass"]
+    for s in range(0, inp.n, chunk):
+        jets = f["jets"][s:s + chunk]
+        truth = jets[:, truth_idx] > 0.5
+        mass = jets[:, mass_idx].astype(np.float64)
+        is_wzt = truth.any(axis=1)
+        rep.read += len(jets)
+        rep.not_wzt += int((~is_wzt).sum())
+        sel = np.flatnonzero(is_wzt)
+        if not len(sel):
+            continue
+        const = f["jetConstituentList"][s:s + chunk][sel]
+        x = hls4ml_particle_features(const, inp.particle_names)
+        finite = np.isfinite(x).reshape(len(sel), -1).all(axis=1) & np.isfinite(mass[sel])
+        rep.nonfinite += int((~finite).sum())
+        in_window = finite & (mass[sel] > MASS_WINDOW[0]) & (mass[sel] < MASS_WINDOW[1])
+        rep.mass_window += int((finite & ~in_window).sum())
+        keep = sel[in_window]
+        yield {"x": x[in_window], "target": mass_bin(mass[keep]), "label": np.argmax(truth[keep], axis=1),
+               "mass": mass[keep].astype(np.float32)}
+
+
+def _prepared_chunks(
+    f: h5py.File, inp: _Input, rep: FileReport, chunk: int, mass_bins: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    for s in range(0, inp.n, chunk):
+        x = np.asarray(f["data"][s:s + chunk], np.float32)
+        pid = np.asarray(f["pid"][s:s + chunk], np.float64)
+        lab = np.asarray(f["label"][s:s + chunk])
+        mass = np.asarray(f["masses"][s:s + chunk], np.float64)
+        rep.read += len(x)
+        if lab.ndim == 2:  # one-hot; an all-zero row is an unknown class
+            label = np.where(lab.max(axis=1) > 0, np.argmax(lab, axis=1), -1)
+        else:
+            label = np.where(np.isfinite(lab), lab, -1).astype(np.int64)
+        bad = ~(np.isfinite(pid) & (pid == np.round(pid)) & (pid >= 0) & (pid < NUM_TARGETS))
+        if not mass_bins and bad.any():
+            r = s + int(np.argmax(bad))
+            raise DataError(f"{inp.path}: pid[{r}] = {pid[bad][0]} is not a mass bin 0..{NUM_TARGETS - 1}")
+        if ((label < -1) | (label >= len(CLASS_NAMES))).any():
+            raise DataError(f"{inp.path}: label values outside -1..{len(CLASS_NAMES) - 1} near row {s}")
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1) & np.isfinite(mass)
+        rep.nonfinite += int((~finite).sum())
+        target = mass_bin(mass) if mass_bins else np.where(bad, 0, pid).astype(np.int32)
+        yield {"x": x[finite], "target": target[finite], "label": label[finite].astype(np.int32),
+               "mass": mass[finite].astype(np.float32)}
+
+
+def _iter_inputs(
+    inputs: Sequence[_Input], chunk: int, mass_bins: bool
+) -> tuple[list[FileReport], Iterator[dict[str, np.ndarray]]]:
+    """Kept jets of all inputs, in input order, as chunks; the reports fill in as the iterator runs."""
+    reports = [FileReport(str(i.path), i.format, i.num_points) for i in inputs]
+
+    def gen() -> Iterator[dict[str, np.ndarray]]:
+        for inp, rep in zip(inputs, reports):
+            try:
+                with h5py.File(inp.path, "r") as f:
+                    it = (_hls4ml_chunks(f, inp, rep, chunk) if inp.format == "hls4ml"
+                          else _prepared_chunks(f, inp, rep, chunk, mass_bins))
+                    for a in it:
+                        rep.kept += len(a["label"])
+                        for k in range(len(CLASS_NAMES)):
+                            rep.per_class[k] += int((a["label"] == k).sum())
+                        rep.unknown_label += int((a["label"] < 0).sum())
+                        yield a
+            except OSError as e:  # corrupt chunk, truncated file
+                raise DataError(f"{inp.path}: read failed ({e})") from None
+
+    return reports, gen()
+
+
+def parse_split(text: str | None) -> list[tuple[str, float]] | None:
+    """'train=0.8,test=0.2' -> [('train', 0.8), ('test', 0.2)]: ordered parts, fractions summing to 1."""
+    if not text:
+        return None
+    parts = []
+    for item in text.split(","):
+        name, sep, frac = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(frac)
+        except ValueError:
+            value = float("nan")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not 0 < value <= 1:
+            raise UserError(f"--split {text!r}: expected name=fraction,... with fractions in (0, 1]")
+        parts.append((name, value))
+    if len({n for n, _ in parts}) != len(parts) or abs(sum(v for _, v in parts) - 1) > 1e-6:
+        raise UserError(f"--split {text!r}: names must differ and fractions sum to 1")
+    return parts
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    split: list[tuple[str, float]] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    chunk: int = DEFAULT_CHUNK,
+    mass_bins: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Convert inputs to one dataset in `out`, or with `split` to out/<name> parts (first rows first).
+
+    With a split the inputs are read twice (count, then write) so that memory stays bounded.
+    Returns {'files': [FileReport...], 'outputs': {dir: {'jets': n, 'shards': [paths]}}}.
+    """
+    if not inputs:
+        raise UserError("no input files")
+    if chunk < 1:
+        raise UserError(f"chunk size must be positive, got {chunk}")
+    found = [inspect_input(p) for p in inputs]
+    points = {i.num_points for i in found}
+    if len(points) > 1:
+        raise DataError(", ".join(f"{i.path}: {i.num_points} points" for i in found) +
+                        ": inputs must have the same number of points per jet")
+    meta = DatasetMeta(num_points=points.pop())
+    out = Path(out)
+    parts = split or [("", 1.0)]
+    dirs = [out / name if name else out for name, _ in parts]
+    writers: list[ShardWriter] = []
+    try:
+        writers = [ShardWriter(d, meta, shard_size=shard_size, row_group_size=row_group_size, overwrite=overwrite)
+                   for d in dirs]  # checks the outputs before the (long) reading
+        bounds = [np.iinfo(np.int64).max]
+        if split:  # pass 1: count kept jets to place the boundaries
+            total = sum(len(a["label"]) for a in _iter_inputs(found, chunk, mass_bins)[1])
+            bounds = [int(c * total) for c in np.cumsum([f for _, f in parts])[:-1]] + [total]
+        reports, it = _iter_inputs(found, chunk, mass_bins)
+        pos = 0
+        for a in it:
+            n, s = len(a["label"]), 0
+            while s < n:
+                w = next(k for k, b in enumerate(bounds) if pos < b)
+                take = min(n - s, bounds[w] - pos)
+                writers[w].add({k: v[s:s + take] for k, v in a.items()})
+                s, pos = s + take, pos + take
+        if pos == 0:
+            raise DataError(f"{', '.join(map(str, inputs))}: no jet passed the selection")
+        for d, w in zip(dirs, writers):
+            if w.num_rows == 0:
+                raise DataError(f"{d}: split part would be empty ({pos} jets kept in total)")
+        for w in writers:  # everything written before anything becomes visible
+            w.finish()
+        outputs = {str(d): {"jets": w.num_rows, "shards": w.commit()} for d, w in zip(dirs, writers)}
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for r in reports:
+        log(r.line())
+    if len(reports) > 1:
+        tot = [sum(getattr(r, k) for r in reports) for k in ("read", "kept", "not_wzt", "mass_window", "nonfinite")]
+        cls = [sum(r.per_class[k] for r in reports) for k in range(len(CLASS_NAMES))]
+        log(f"total: read {tot[0]}, kept {tot[1]}; dropped: not W/Z/top {tot[2]}, mass window {tot[3]}, "
+            f"non-finite {tot[4]}; " + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, cls)))
+    for d, o in outputs.items():
+        log(f"wrote {d}: {o['jets']} jets in {len(o['shards'])} shard(s)")
+    return {"files": reports, "outputs": outputs}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="hls4ml raw or UCluster-prepared HDF5 files")
+    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--split", default=None, help="e.g. train=0.8,test=0.2: first 80%% of the kept jets "
+                        "to OUT/train, the rest to OUT/test, in input order (as the original); default: no split")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help="jets per parquet shard (rounded up to whole row groups)")
+    parser.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP_SIZE, help="jets per row group")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="jets read from HDF5 at a time")
+    parser.add_argument("--mass-bins", action="store_true",
+                        help="prepared-format inputs: recompute the target from masses with fixed bins "
+                        "instead of using their per-file renumbered pid")
+    parser.add_argument("--overwrite", action="store_true", help="replace datasets already in the output")
+
+
+def run(args: argparse.Namespace) -> int:
+    prepare(args.inputs, args.out, split=parse_split(args.split), shard_size=args.shard_size,
+            row_group_size=args.row_group_size, chunk=args.chunk, mass_bins=args.mass_bins,
+            overwrite=args.overwrite)
+    return 0
