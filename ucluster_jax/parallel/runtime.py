@@ -10,26 +10,26 @@ Engines
   so the step is two-stage: gradients pmean'd over local devices, one device's copy allreduced over
   ranks in a single-device jit, update there, parameters replicated back. BN moments are global
   over the local devices only (per-rank batch statistics, as Horovod); moving statistics are averaged
-  over ranks so replicas stay identical. Use engine=jax_distributed for exact global-batch BN.
-- jax_distributed: jax.distributed.initialize (MPI cluster detection) + pmap over every device of
-  every process; psum spans processes (gloo on CPU, NCCL on GPU). Exact global-batch semantics.
+  over ranks so replicas stay identical.
 """
 from __future__ import annotations
 
 import os
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ucluster_jax.config import Config
 from ucluster_jax.errors import UserError
 from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
 
-ENGINES = ("auto", "single", "local", "mpi", "hybrid", "jax_distributed")
+ENGINES = ("auto", "single", "local", "mpi", "hybrid")
 AXIS = "replica"
 
 
@@ -56,7 +56,7 @@ class Runtime:
     @property
     def replicated(self) -> bool:
         """State carries a leading device axis (pmap engines)."""
-        return self.engine in ("local", "hybrid", "jax_distributed")
+        return self.engine in ("local", "hybrid")
 
     def local_batch(self, global_batch: int) -> int:
         """Jets this process reads per step."""
@@ -76,10 +76,10 @@ class Runtime:
             return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R),
                            donate_argnums=0)
         psum = lambda v: jax.lax.psum(v, AXIS)  # noqa: E731
-        if self.engine in ("local", "jax_distributed"):
+        if self.engine == "local":
             pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
             step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R)
-            return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices())
+            return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self.devices)
         # hybrid: local pmean inside pmap, then mpi4jax on one device's copy
         grads_fn = make_grads_fn(cfg, replica_sum=psum)
         apply_fn = make_apply_fn(cfg, world=R)
@@ -87,45 +87,66 @@ class Runtime:
 
         def local(state, batch):
             grads, stats, metrics = grads_fn(state, batch)
-            return jax.lax.pmean(grads, AXIS), jax.lax.pmean(stats, AXIS), metrics
+            return jax.lax.pmean(grads, AXIS), jax.lax.pmean(stats, AXIS), jax.lax.psum(metrics, AXIS)
 
         local_p = jax.pmap(local, axis_name=AXIS, devices=self.devices)
 
-        @jax.jit
+        @partial(jax.jit, static_argnums=4)
         def across(state, grads, stats, metrics, local_batch):
             grads, stats = c.tree_mean((grads, stats))
             return apply_fn(state, grads, stats, metrics, local_batch)
 
         def step(state, batch):
             grads, stats, metrics = local_p(state, batch)
-            one = lambda t: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data, t)  # noqa: E731
-            new_state, m = across(one(state), one(grads), one(stats), metrics_sum(metrics), batch["x"].shape[1])
+            one = lambda t: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], t)  # noqa: E731
+            new_state, m = across(one(state), one(grads), one(stats), one(metrics), batch["x"].shape[1])
             return self.put_state(new_state), m
 
         return step
 
-    def _pmap_devices(self):
-        return None if self.engine == "jax_distributed" else self.devices
+    def make_grads(self, cfg: Config) -> Callable:
+        """`grads(state, batch)`: the gradient averaged over every replica, as the step uses it.
+
+        For equivalence checks and the allreduce benchmark; training uses `make_step`.
+        """
+        if self.engine in ("single", "mpi"):
+            grads_fn = make_grads_fn(cfg, replica_sum=self.comm.device_sum if self.comm else None)
+            mean = self.comm.tree_mean if self.comm else (lambda g: g)
+            return jax.jit(lambda state, batch: mean(grads_fn(state, batch)[0]))
+        grads_fn = make_grads_fn(cfg, replica_sum=lambda v: jax.lax.psum(v, AXIS))
+        local = jax.pmap(lambda st, b: jax.lax.pmean(grads_fn(st, b)[0], AXIS), axis_name=AXIS,
+                         devices=self.devices)
+        if self.engine != "hybrid":
+            return lambda state, batch: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0],
+                                                               local(state, batch))
+        across = jax.jit(self.comm.tree_mean)
+        return lambda state, batch: across(jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0],
+                                                                  local(state, batch)))
 
     # ---- placement ----
+    @property
+    def _sharding(self) -> NamedSharding:
+        """Leading axis split over the local devices (what pmap takes and returns)."""
+        return NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
+
     def put_state(self, state: Any) -> Any:
         if self.replicated:
-            return jax.device_put_replicated(state, self.devices)
+            D, sh = self.num_local, self._sharding
+            return jax.tree_util.tree_map(lambda a: jax.device_put(jnp.broadcast_to(a, (D,) + jnp.shape(a)), sh), state)
         return jax.device_put(state, self.devices[0])
 
     def host_state(self, state: Any) -> Any:
         """A host copy of the (identical) replica's state."""
         if self.replicated:
-            state = jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data, state)
+            state = jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], state)
         return jax.device_get(state)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Local batch -> devices: [B_local, ...] split over local devices as [D, B_local/D, ...]."""
         if not self.replicated:
             return jax.device_put(batch, self.devices[0])
-        D = self.num_local
-        return {k: jax.device_put_sharded(list(v.reshape((D, -1) + v.shape[1:])), self.devices)
-                for k, v in batch.items()}
+        D, sh = self.num_local, self._sharding
+        return {k: jax.device_put(v.reshape((D, -1) + v.shape[1:]), sh) for k, v in batch.items()}
 
     def step_metrics(self, metrics: dict) -> dict:
         """Per-step metrics summed over local devices (still on device: no host round trip)."""
@@ -146,7 +167,7 @@ class Runtime:
         params = self.host_state(state).params
         mine = param_checksum(params)
         if self.replicated and self.num_local > 1:
-            local = {param_checksum(jax.device_get(jax.tree_util.tree_map(lambda a: a.addressable_shards[i].data,
+            local = {param_checksum(jax.device_get(jax.tree_util.tree_map(lambda a: a.addressable_shards[i].data[0],
                                                                           state.params)))
                      for i in range(self.num_local)}
             if len(local) > 1:
@@ -168,13 +189,6 @@ def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     _, size = launched_world()
-    if engine == "jax_distributed":
-        if jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(cluster_detection_method="mpi4py")
-        rank, world = jax.process_index(), jax.process_count()
-        devices = jax.local_devices()[:num_devices] if num_devices else jax.local_devices()
-        return Runtime("jax_distributed", rank, world, devices, MPIComm() if world > 1 else None)
     devices = jax.local_devices()
     if num_devices:
         if num_devices > len(devices):

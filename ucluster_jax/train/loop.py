@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ucluster_jax import checkpoint
-from ucluster_jax.config import Config, load_config
+from ucluster_jax.config import Config, config_from_dict, load_config
 from ucluster_jax.data.prefetch import prefetch
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import CheckpointError, DataError, UserError
@@ -205,7 +205,7 @@ def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> t
     state, meta, err = rt.bcast(payload)
     if err:
         raise CheckpointError(err)
-    if meta["config"]["model"] != cfg.to_dict()["model"]:
+    if config_from_dict(meta["config"], f"{out} checkpoint").model != cfg.model:
         raise CheckpointError(f"{out}: checkpoint was written with a different model configuration; "
                               "resume with the config it was trained with")
     return state, int(meta["epoch"]) + 1

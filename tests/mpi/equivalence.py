@@ -1,0 +1,62 @@
+"""Run a few training steps on a fixed global batch sequence with a chosen engine; save the result.
+
+Launched by tests/test_distributed.py, alone (reference) or under `mpirun -np N`. Each process takes
+its contiguous slice of every global batch, so every setup sees the same global batches.
+Usage: python equivalence.py ENGINE OUT.npz [DEVICES]
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from ucluster_jax.config import load_config
+from ucluster_jax.parallel.runtime import setup
+from ucluster_jax.train.state import create_state
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+
+def global_batches(cfg):
+    rng = np.random.default_rng(123)
+    for _ in range(STEPS):
+        x = rng.normal(size=(GLOBAL_BATCH, cfg.model.num_points, cfg.model.num_features)).astype(np.float32)
+        real = rng.integers(10, cfg.model.num_points, GLOBAL_BATCH)
+        x[np.arange(cfg.model.num_points)[None, :] >= real[:, None]] = 0.0
+        yield {"x": x, "target": rng.integers(0, cfg.model.num_targets, GLOBAL_BATCH).astype(np.int32),
+               "label": rng.integers(0, 3, GLOBAL_BATCH).astype(np.int32)}
+
+
+def main(engine: str, out: str, devices: int | None) -> None:
+    cfg = load_config(None, [f"train.batch_size={GLOBAL_BATCH}", "model.num_points=30", "model.k=5"])
+    rt = setup(engine, num_devices=devices)
+    host = create_state(cfg)
+    # joint phase with non-trivial centroids, so the clustering loss and mu are exercised too
+    mu = np.random.default_rng(7).normal(size=(3, 3)).astype(np.float32)
+    host = host.replace(params={**host.params, "mu": jnp.asarray(mu)}, alpha=jnp.float32(4.0),
+                        cluster_weight=jnp.float32(1.0))
+    state = rt.put_state(host)
+    rt.check_replicas(state, "step 0")
+    step = rt.make_step(cfg)
+    lb = rt.local_batch(GLOBAL_BATCH)
+    losses = []
+    grads0 = None
+    for gb in global_batches(cfg):
+        local = {k: v[rt.rank * lb:(rt.rank + 1) * lb] for k, v in gb.items()}
+        if grads0 is None:  # the averaged global-batch gradient of the first step
+            grads0 = ravel_pytree(jax.device_get(rt.make_grads(cfg)(state, rt.put_batch(local))))[0]
+        state, m = step(state, rt.put_batch(local))
+        m = rt.step_metrics(m)
+        losses.append(float(rt.sum(np.asarray(jax.device_get(m["loss"]))[None])[0]) / rt.replicas)
+    rt.check_replicas(state, "end")
+    final = rt.host_state(state)
+    flat_p, _ = ravel_pytree(final.params)
+    flat_s, _ = ravel_pytree(final.batch_stats)
+    if rt.is_root:
+        np.savez(out, grads0=np.asarray(grads0), params=np.asarray(flat_p), stats=np.asarray(flat_s), losses=np.asarray(losses),
+                 step=int(final.step), samples=int(final.samples_seen), replicas=rt.replicas, engine=rt.engine)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
