@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flax import serialization
 
@@ -73,17 +73,26 @@ def read_verified(path: Path) -> tuple[bytes, dict[str, Any]]:
     return blob, meta
 
 
-def load_latest(run_dir: Path, template: Any) -> tuple[Any, dict[str, Any]]:
-    """Restore the newest intact checkpoint into the structure of `template`."""
+def load_latest(run_dir: Path, template: Any, check: Callable[[Path, dict[str, Any]], None] | None = None
+                ) -> tuple[Any, dict[str, Any]]:
+    """Restore the newest intact checkpoint into the structure of `template`.
+
+    Only damage (missing sidecar, size or checksum mismatch) falls back to the previous checkpoint.
+    An intact checkpoint that does not fit (`check(path, meta)` raising, or a structure mismatch) is
+    an error at once: an older checkpoint of the same run would not fit either.
+    """
     paths = list_checkpoints(run_dir)
     if not paths:
         raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint to resume from")
     for path in reversed(paths):
         try:
             blob, meta = read_verified(path)
-            return restore(blob, template, path), meta
         except CheckpointError as e:
             print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        if check is not None:
+            check(path, meta)
+        return restore(blob, template, path), meta
     raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no intact checkpoint ({len(paths)} corrupt)")
 
 

@@ -123,7 +123,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return float(value)
         if typ is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, yaml.YAMLError):
         pass
     else:
         return value
@@ -178,7 +178,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected section.key=value")
         key, value = ov.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: not a valid YAML value ({str(e).splitlines()[0]})") from None
+        _set_path(data, key.strip(), parsed)
     cfg = _build(Config, data, where)
     validate(cfg)
     return cfg

@@ -195,19 +195,27 @@ def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDatase
 
 def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int]:
     """Rank 0 reads and verifies the newest intact checkpoint; everyone gets the same bytes."""
+    def same_model(path: Path, meta: dict[str, Any]) -> None:
+        try:
+            model = config_from_dict(meta["config"], f"{path} config").model
+        except (KeyError, UserError) as e:
+            raise CheckpointError(f"{path}: checkpoint metadata has no usable config ({e})") from None
+        if model != cfg.model:
+            diff = ", ".join(f"{k} {v!r} (config: {getattr(cfg.model, k)!r})"
+                             for k, v in vars(model).items() if getattr(cfg.model, k) != v)
+            raise CheckpointError(f"{path}: checkpoint was written with a different model configuration: {diff}; "
+                                  "resume with the config it was trained with")
+
     payload = None
     if rt.is_root:
         try:
-            state, meta = checkpoint.load_latest(out, template)
+            state, meta = checkpoint.load_latest(out, template, check=same_model)
             payload = (jax.device_get(state), meta, None)
         except CheckpointError as e:
             payload = (None, None, str(e))
     state, meta, err = rt.bcast(payload)
     if err:
         raise CheckpointError(err)
-    if config_from_dict(meta["config"], f"{out} checkpoint").model != cfg.model:
-        raise CheckpointError(f"{out}: checkpoint was written with a different model configuration; "
-                              "resume with the config it was trained with")
     return state, int(meta["epoch"]) + 1
 
 
