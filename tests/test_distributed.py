@@ -1,0 +1,80 @@
+"""Data parallelism under a real mpirun: the distributed step is the single-process step on the global batch."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, mpirun
+import subprocess
+import sys
+import os
+
+SCRIPT = str(REPO / "tests" / "mpi" / "equivalence.py")
+
+
+def run_single(engine, out, devices=None):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    args = [sys.executable, SCRIPT, engine, str(out)] + ([str(devices)] if devices else [])
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run_single("single", tmp_path_factory.mktemp("eq") / "ref.npz")
+
+
+def assert_equivalent(res, ref, replicas):
+    assert int(res["replicas"]) == replicas
+    # the averaged global-batch gradient of step 1 (BN moments over the global batch)
+    np.testing.assert_allclose(res["grads0"], ref["grads0"], rtol=1e-4, atol=1e-4 * np.abs(ref["grads0"]).max())
+    # same losses along the way, same counters
+    np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-4)
+    assert int(res["samples"]) == int(ref["samples"]) and int(res["step"]) == int(ref["step"])
+    # parameters after several Adam steps: Adam turns rounding noise in exactly-zero gradients (biases
+    # before BatchNorm, the self-attention score that the neighbour softmax cancels) into +-lr steps,
+    # so those elements may differ by a few lr; everything else agrees to float tolerance.
+    diff = np.abs(res["params"] - ref["params"])
+    assert np.median(diff) < 1e-6
+    assert diff.max() < 3 * 1e-3 * 2
+
+
+def test_two_ranks_equal_one_process(reference, tmp_path):
+    r = mpirun(2, sys.executable, SCRIPT, "mpi", str(tmp_path / "mpi.npz"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_equivalent(np.load(tmp_path / "mpi.npz"), reference, 2)
+
+
+def test_two_local_devices_equal_one_device(reference, tmp_path):
+    assert_equivalent(run_single("local", tmp_path / "local.npz", 2), reference, 2)
+
+
+def test_hybrid_ranks_times_devices_keeps_replicas_identical(tmp_path):
+    # 2 ranks x 2 local devices: gradients pmean'd locally then allreduced with mpi4jax; replicas are
+    # checked bit-identical inside the script (check_replicas) at step 0 and at the end.
+    r = mpirun(2, sys.executable, SCRIPT, "hybrid", str(tmp_path / "hybrid.npz"), "2",
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = np.load(tmp_path / "hybrid.npz")
+    assert int(res["replicas"]) == 4 and np.all(np.isfinite(res["params"]))
+
+
+def test_two_rank_training_matches_one_process(toy_small, tmp_path):
+    train_dir, test_dir = toy_small
+    common = ["--config", "configs/demo.yaml", "--data", str(train_dir), "--test-data", str(test_dir)]
+    sets = [a for s in TINY for a in ("--set", s)]
+    one = subprocess.run([str(REPO / ".venv" / "bin" / "ucluster") if (REPO / ".venv").exists() else "ucluster",
+                          "train", *common, "--out", str(tmp_path / "one"), *sets],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = mpirun(2, sys.executable, "-m", "ucluster_jax.cli", "train", *common, "--out", str(tmp_path / "two"), *sets,
+                 timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "epoch   2" in two.stdout and two.stdout.count("epoch   2") == 1  # only rank 0 logs
+    rec1 = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])
+    rec2 = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec1["step"] == rec2["step"] and rec1["samples_seen"] == rec2["samples_seen"]
+    assert abs(rec1["test_acc"] - rec2["test_acc"]) < 0.1
+    ckpts = sorted((tmp_path / "two" / "checkpoints").glob("*.msgpack"))
+    assert len(ckpts) == 3  # one writer: rank 0
