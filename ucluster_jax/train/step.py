@@ -48,6 +48,20 @@ def make_train_step(cfg: Config, *, replica_sum: ReplicaSum | None = None, grad_
     return train_step
 
 
+def make_multi_step(train_step: Callable) -> Callable:
+    """Many steps as one compiled loop: `multi(state, batches) -> (state, metrics)`.
+
+    `batches` holds [S, B, ...] arrays already on the device (an epoch, where it fits); the loop is
+    a `lax.scan`, so there is no Python or host synchronisation between steps. Metrics come back
+    stacked [S, ...]. Jit it with `donate_argnums=0`.
+    """
+
+    def multi(state, batches):
+        return jax.lax.scan(train_step, state, batches)
+
+    return multi
+
+
 def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_classes: int = 3):
     """First half of the step: forward, combined loss, gradients, new BN statistics, batch metrics."""
     model = UCluster(cfg.model, replica_sum=replica_sum)
