@@ -27,17 +27,20 @@ def reference(tmp_path_factory):
 
 def assert_equivalent(res, ref, replicas):
     assert int(res["replicas"]) == replicas
-    # the averaged global-batch gradient of step 1 (BN moments over the global batch)
-    np.testing.assert_allclose(res["grads0"], ref["grads0"], rtol=1e-4, atol=1e-4 * np.abs(ref["grads0"]).max())
-    # same losses along the way, same counters
-    np.testing.assert_allclose(res["losses"], ref["losses"], rtol=1e-4)
+    g = ref["grads0"]
+    # the averaged global-batch gradient (BN moments over the global batch), every element
+    np.testing.assert_allclose(res["grads0"], g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
+    # after one Adam step (lr * m/(sqrt(v)+eps) ~ lr * sign(g)) every parameter whose gradient stands
+    # above float rounding moved identically; near-zero gradients (biases before BatchNorm, clipped
+    # ReLUs) are rounding noise that Adam turns into +-lr steps in either direction.
+    clear = np.abs(g) > 1e-4 * np.abs(g).max()
+    assert clear.mean() > 0.5
+    np.testing.assert_allclose(res["params1"][clear], ref["params1"][clear], rtol=0, atol=1e-6)
+    assert np.abs(res["params1"] - ref["params1"]).max() <= 2.01e-3  # at most 2 lr apart anywhere
+    # the same loss at the first step; later steps inherit that rounding noise, so only closely
+    np.testing.assert_allclose(res["losses"][0], ref["losses"][0], rtol=1e-5)
+    np.testing.assert_allclose(res["losses"], ref["losses"], rtol=2e-2)
     assert int(res["samples"]) == int(ref["samples"]) and int(res["step"]) == int(ref["step"])
-    # parameters after several Adam steps: Adam turns rounding noise in exactly-zero gradients (biases
-    # before BatchNorm, the self-attention score that the neighbour softmax cancels) into +-lr steps,
-    # so those elements may differ by a few lr; everything else agrees to float tolerance.
-    diff = np.abs(res["params"] - ref["params"])
-    assert np.median(diff) < 1e-6
-    assert diff.max() < 3 * 1e-3 * 2
 
 
 def test_two_ranks_equal_one_process(reference, tmp_path):
@@ -50,14 +53,13 @@ def test_two_local_devices_equal_one_device(reference, tmp_path):
     assert_equivalent(run_single("local", tmp_path / "local.npz", 2), reference, 2)
 
 
-def test_hybrid_ranks_times_devices_keeps_replicas_identical(tmp_path):
-    # 2 ranks x 2 local devices: gradients pmean'd locally then allreduced with mpi4jax; replicas are
-    # checked bit-identical inside the script (check_replicas) at step 0 and at the end.
+def test_two_ranks_times_two_devices_equal_one_process(reference, tmp_path):
+    # engine hybrid: per-device gradients summed over local devices, then one mpi4jax allreduce;
+    # BN moments over all 4 devices through jax.distributed; replicas checked bit-identical inside.
     r = mpirun(2, sys.executable, SCRIPT, "hybrid", str(tmp_path / "hybrid.npz"), "2",
                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert r.returncode == 0, r.stderr[-3000:]
-    res = np.load(tmp_path / "hybrid.npz")
-    assert int(res["replicas"]) == 4 and np.all(np.isfinite(res["params"]))
+    assert_equivalent(np.load(tmp_path / "hybrid.npz"), reference, 4)
 
 
 def test_two_rank_training_matches_one_process(toy_small, tmp_path):

@@ -37,10 +37,10 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
                 name = f"cluster {v}" if row == 0 else (CLASS_NAMES[v] if 0 <= v < 3 else "unknown")
                 ax.scatter(z[m, i], z[m, j], s=2, alpha=0.4, label=name)
             if mu is not None:
-                ax.scatter(mu[:, i], mu[:, j], marker="x", c="k", s=80, label="centroids")
+                ax.scatter(mu[:, i], mu[:, j], marker="x", c="k", s=80)
             ax.set_xlabel(f"z{i}")
             ax.set_ylabel(f"z{j}")
-            ax.set_title(f"latent by {title}")
+            ax.set_title(f"latent by {title}" + (" (x: centroids)" if mu is not None else ""))
             ax.legend(markerscale=4, fontsize=7)
     return _save(fig, path)
 

@@ -48,13 +48,15 @@ def main(engine: str, out: str, devices: int | None) -> None:
             grads0 = ravel_pytree(jax.device_get(rt.make_grads(cfg)(state, rt.put_batch(local))))[0]
         state, m = step(state, rt.put_batch(local))
         m = rt.step_metrics(m)
+        if not losses:
+            params1 = ravel_pytree(rt.host_state(state).params)[0]
         losses.append(float(rt.sum(np.asarray(jax.device_get(m["loss"]))[None])[0]) / rt.replicas)
     rt.check_replicas(state, "end")
     final = rt.host_state(state)
     flat_p, _ = ravel_pytree(final.params)
     flat_s, _ = ravel_pytree(final.batch_stats)
     if rt.is_root:
-        np.savez(out, grads0=np.asarray(grads0), params=np.asarray(flat_p), stats=np.asarray(flat_s), losses=np.asarray(losses),
+        np.savez(out, grads0=np.asarray(grads0), params1=np.asarray(params1), params=np.asarray(flat_p), stats=np.asarray(flat_s), losses=np.asarray(losses),
                  step=int(final.step), samples=int(final.samples_seen), replicas=rt.replicas, engine=rt.engine)
 
 

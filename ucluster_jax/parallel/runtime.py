@@ -1,5 +1,5 @@
-"""One object that hides how the global batch is split: single device, local devices (pmap), MPI ranks
-(mpi4jax), both at once, or jax.distributed collectives. The training loop talks only to this.
+"""One object that hides how the global batch is split: one device, local devices (pmap), MPI ranks
+(mpi4jax), or both at once. The training loop talks only to this.
 
 Engines
 - single: one device, one process.
@@ -7,21 +7,22 @@ Engines
 - mpi: one device per rank; BN moments and the flattened gradients allreduced with mpi4jax inside the
   jitted step, so the run is the single-process run on the global batch.
 - hybrid: several devices per rank under mpirun. mpi4jax cannot run inside a multi-device computation,
-  so the step is two-stage: gradients pmean'd over local devices, one device's copy allreduced over
-  ranks in a single-device jit, update there, parameters replicated back. BN moments are global
-  over the local devices only (per-rank batch statistics, as Horovod); moving statistics are averaged
-  over ranks so replicas stay identical.
+  so the gradient path is two-stage: per-device gradients (flattened) summed over this host's devices,
+  then one mpi4jax allreduce across ranks in a single-device jit, the update there, the parameters
+  replicated back. The BN moments need a reduction inside the forward pass, over every device of every
+  process: for those jax.distributed (initialised from MPI) gives pmap's psum its cross-process reach
+  (gloo on CPU, NCCL on GPU). The result is again the single-process step on the global batch.
 """
 from __future__ import annotations
 
-import os
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ucluster_jax.config import Config
@@ -80,29 +81,41 @@ class Runtime:
             pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
             step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R)
             return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self.devices)
-        # hybrid: local pmean inside pmap, then mpi4jax on one device's copy
+        # hybrid: BN moments psum'd in-graph over every device of every process (jax.distributed);
+        # per-device gradients summed over this host's devices, then ONE mpi4jax allreduce across ranks.
         grads_fn = make_grads_fn(cfg, replica_sum=psum)
         apply_fn = make_apply_fn(cfg, world=R)
-        c = self.comm
+        c, dev0 = self.comm, self.devices[0]
 
         def local(state, batch):
             grads, stats, metrics = grads_fn(state, batch)
-            return jax.lax.pmean(grads, AXIS), jax.lax.pmean(stats, AXIS), jax.lax.psum(metrics, AXIS)
+            return ravel_pytree(grads)[0], stats, metrics
 
-        local_p = jax.pmap(local, axis_name=AXIS, devices=self.devices)
+        local_p = jax.pmap(local, axis_name=AXIS)
+        unravel = self._unravel(cfg)
 
         @partial(jax.jit, static_argnums=4)
-        def across(state, grads, stats, metrics, local_batch):
-            grads, stats = c.tree_mean((grads, stats))
-            return apply_fn(state, grads, stats, metrics, local_batch)
+        def across(state, flat_grads, stats, metrics, local_batch):
+            total = c.device_sum(jnp.sum(flat_grads, axis=0))  # sum over devices, then over ranks
+            return apply_fn(state, unravel(total / R), stats, metrics_sum(metrics), local_batch)
 
         def step(state, batch):
-            grads, stats, metrics = local_p(state, batch)
-            one = lambda t: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], t)  # noqa: E731
-            new_state, m = across(one(state), one(grads), one(stats), one(metrics), batch["x"].shape[1])
+            flat, stats, metrics = local_p(state, batch)
+            on0 = lambda a: jnp.stack([jax.device_put(sh.data[0], dev0) for sh in a.addressable_shards])  # noqa: E731
+            first = lambda t: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], t)  # noqa: E731
+            new_state, m = across(first(state), on0(flat), first(stats),
+                                  jax.tree_util.tree_map(on0, metrics), batch["x"].shape[1])
             return self.put_state(new_state), m
 
         return step
+
+    @staticmethod
+    def _unravel(cfg: Config) -> Callable:
+        """Flat vector -> parameter pytree, from the parameter shapes alone (no initialisation)."""
+        from ucluster_jax.model.networks import init_variables
+
+        shapes = jax.eval_shape(lambda: init_variables(cfg.model, 0)["params"])
+        return ravel_pytree(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes))[1]
 
     def make_grads(self, cfg: Config) -> Callable:
         """`grads(state, batch)`: the gradient averaged over every replica, as the step uses it.
@@ -114,14 +127,16 @@ class Runtime:
             mean = self.comm.tree_mean if self.comm else (lambda g: g)
             return jax.jit(lambda state, batch: mean(grads_fn(state, batch)[0]))
         grads_fn = make_grads_fn(cfg, replica_sum=lambda v: jax.lax.psum(v, AXIS))
-        local = jax.pmap(lambda st, b: jax.lax.pmean(grads_fn(st, b)[0], AXIS), axis_name=AXIS,
-                         devices=self.devices)
-        if self.engine != "hybrid":
+        if self.engine == "local":
+            local = jax.pmap(lambda st, b: jax.lax.pmean(grads_fn(st, b)[0], AXIS), axis_name=AXIS,
+                             devices=self.devices)
             return lambda state, batch: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0],
                                                                local(state, batch))
-        across = jax.jit(self.comm.tree_mean)
-        return lambda state, batch: across(jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0],
-                                                                  local(state, batch)))
+        local = jax.pmap(lambda st, b: ravel_pytree(grads_fn(st, b)[0])[0], axis_name=AXIS)
+        unravel, c, dev0, R = self._unravel(cfg), self.comm, self.devices[0], self.replicas
+        across = jax.jit(lambda flat: unravel(c.device_sum(jnp.sum(flat, axis=0)) / R))
+        return lambda state, batch: across(jnp.stack([jax.device_put(sh.data[0], dev0)
+                                                      for sh in local(state, batch).addressable_shards]))
 
     # ---- placement ----
     @property
@@ -185,10 +200,26 @@ def metrics_sum(metrics: dict) -> dict:
 
 
 def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
-    """Pick the engine from the launch (mpirun or not) and the visible devices."""
+    """Pick the engine from the launch (mpirun or not) and the visible devices.
+
+    Under mpirun, `auto` means one device per rank (engine mpi, the recommended layout); several
+    devices per rank is engine hybrid, asked for explicitly.
+    """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     _, size = launched_world()
+    if engine == "auto" and size > 1:
+        engine = "mpi"
+    if engine == "hybrid":
+        # jax.distributed must come before anything touches the backend; it gives pmap's psum (the BN
+        # moments) cross-process reach: gloo on CPU (this setting is ignored by GPU backends), NCCL on GPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(cluster_detection_method="mpi4py")
+        comm = MPIComm()
+        devices = jax.local_devices()
+        if num_devices and num_devices != len(devices):
+            raise UserError(f"engine hybrid uses every local device ({len(devices)}), not {num_devices}")
+        return Runtime(engine, comm.rank, comm.size, devices, comm)
     devices = jax.local_devices()
     if num_devices:
         if num_devices > len(devices):
@@ -197,14 +228,11 @@ def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
         devices = devices[:num_devices]
     elif devices[0].platform == "cpu":
         devices = devices[:1]  # CPU "devices" share the same cores: one unless asked
-    if engine == "auto":
-        engine = {(False, False): "single", (False, True): "local", (True, False): "mpi",
-                  (True, True): "hybrid"}[(size > 1, len(devices) > 1)]
-    if engine in ("mpi", "hybrid"):
+    if engine == "mpi":
         comm = MPIComm()
-        if engine == "mpi":
-            devices = devices[:1]
-        return Runtime(engine, comm.rank, comm.size, devices, comm)
+        return Runtime(engine, comm.rank, comm.size, devices[:1], comm)
+    if engine == "auto":
+        engine = "local" if len(devices) > 1 else "single"
     if engine == "single":
         devices = devices[:1]
     return Runtime(engine, 0, 1, devices, None)
