@@ -1,7 +1,6 @@
 """Two-phase training end to end: phases, reproducibility, exact resume, CLI contract."""
 import json
 import subprocess
-import sys
 
 import jax
 import numpy as np
