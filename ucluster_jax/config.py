@@ -80,9 +80,8 @@ class TrainConfig:
     shuffle_buffer_row_groups: int = 4
     eval_batch_size: int = 512
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, count it)
-    checksum_every: int = 50  # steps between cross-replica parameter checksums (distributed)
+    checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
     keep_checkpoints: int = 3
-    log_every: int = 10
 
 
 @dataclass(frozen=True)

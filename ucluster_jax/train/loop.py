@@ -164,6 +164,8 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         per_batch.append(m.pop("contingency"))
         sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
         n += 1
+        if rt.replicas > 1 and cfg.train.checksum_every and n % cfg.train.checksum_every == 0:
+            rt.check_replicas(state, f"epoch {epoch} step {n}")
         if bar.due():
             jax.block_until_ready(sums["loss"])
             bar.update(n * local_batch * rt.world)
