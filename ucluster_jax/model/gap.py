@@ -32,12 +32,18 @@ class GAPLayer(nn.Module):
 
     `edge_per_point` uses W_e(x_i - x_j) + b = W_e x_i - W_e x_j + b: the edge Dense runs once per
     point and the result is gathered, k times fewer FLOPs than the per-edge form (same function).
+
+    `edge_chunk` > 0 (with `edge_per_point` and no padding mask) computes everything on the
+    [B,N,k,F] edge tensor a few jets at a time (`edge_attention`): the same function and
+    gradients, but each chunk's edge tensors stay in cache instead of streaming through memory
+    several times (the backward pass recomputes them per chunk). 0: the plain layer.
     """
 
     features: int
     bn_epsilon: float = 1e-3
     replica_sum: ReplicaSum | None = None
     edge_per_point: bool = True
+    edge_chunk: int = 8
 
     @nn.compact
     def __call__(self, x: Array, idx: Array, *, train: bool, decay: Array | float,
@@ -47,6 +53,8 @@ class GAPLayer(nn.Module):
 
         w_e = self.param("edge_kernel", glorot, (x.shape[-1], self.features))
         b_e = self.param("edge_bias", nn.initializers.zeros, (self.features,))
+        if self.edge_chunk > 0 and self.edge_per_point and mask is None:
+            return self._chunked(x @ w_e, b_e, h, idx, train=train, decay=decay)
         if self.edge_per_point:
             u = x @ w_e
             e = u[:, :, None, :] - gather_neighbours(u, idx) + b_e
@@ -62,3 +70,124 @@ class GAPLayer(nn.Module):
         b_a = self.param("bias", nn.initializers.zeros, (self.features,))
         out = nn.relu(jnp.sum(coefs * y, axis=2) + b_a)
         return out, jnp.max(y, axis=2)
+
+    def _chunked(self, u: Array, b_e: Array, h: Array, idx: Array, *, train: bool, decay) -> tuple[Array, Array]:
+        F = self.features
+        bn_kw = dict(bn_epsilon=self.bn_epsilon, replica_sum=self.replica_sum)
+        edge_bn = _BNVars(name="edge_bn")
+        g1, b1, rm1, rv1 = edge_bn(F)
+        s = ConvBN(1, name="self_att", **bn_kw)(h, train=train, decay=decay)  # [B,N,1]
+        neib = _ConvBNVars(name="neib_att")
+        w_n, b_n, g2, b2, rm2, rv2 = neib(F)
+        b_a = self.param("bias", nn.initializers.zeros, (F,))
+        fixed = None if train else (rm1, rv1, rm2, rv2)
+        out, gmax, stats = edge_attention(u, idx, s, b_e, g1, b1, w_n, b_n, g2, b2, b_a, stats=fixed,
+                                          reduce=self.replica_sum, eps=self.bn_epsilon,
+                                          chunk=self.edge_chunk)
+        if train:
+            m1, v1, m2, v2 = stats
+            edge_bn(F, m1, v1, decay)
+            neib(F, m2, v2, decay)
+        return out, gmax
+
+
+class _BNVars(nn.Module):
+    """A BatchNorm's variables (the same names as `BatchNorm`), for code that applies it itself.
+
+    Returns (scale, bias, moving mean, moving variance); given batch moments, updates the moving
+    averages exactly as `BatchNorm` does.
+    """
+
+    @nn.compact
+    def __call__(self, c: int, mean: Array | None = None, var: Array | None = None, decay=None):
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+        ra_var = self.variable("batch_stats", "var", jnp.zeros, (c,))
+        if mean is not None and not self.is_initializing():
+            ra_mean.value = decay * ra_mean.value + (1.0 - decay) * jax.lax.stop_gradient(mean)
+            ra_var.value = decay * ra_var.value + (1.0 - decay) * jax.lax.stop_gradient(var)
+        return scale, bias, ra_mean.value, ra_var.value
+
+
+class _DenseVars(nn.Module):
+    """nn.Dense(1)'s variables (kernel first, as nn.Dense creates them: same initial values)."""
+
+    @nn.compact
+    def __call__(self, c: int):
+        return self.param("kernel", glorot, (c, 1)), self.param("bias", nn.initializers.zeros, (1,))
+
+
+class _ConvBNVars(nn.Module):
+    """ConvBN(1)'s variables: dense kernel and bias, BatchNorm scale, bias and moving moments."""
+
+    @nn.compact
+    def __call__(self, c: int, mean: Array | None = None, var: Array | None = None, decay=None):
+        w, b = _DenseVars(name="dense")(c)
+        g, beta, rm, rv = _BNVars(name="bn")(1, mean, var, decay)
+        return w, b, g, beta, rm, rv
+
+
+def _chunk_size(batch: int, most: int) -> int:
+    """The largest divisor of the batch not above `most` (chunks must tile the batch exactly)."""
+    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
+def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Array, w_n: Array, b_n: Array,
+                   g2: Array, b2: Array, b_a: Array, *, stats=None, reduce: ReplicaSum | None = None,
+                   eps: float = 1e-3, chunk: int = 8):
+    """The edge half of the GAP layer, `chunk` jets at a time; the same function as the plain layer.
+
+    u = x W_e per point [B,N,F], idx [B,N,k], s the self score [B,N,1]. With e_ij = u_i - u_j + b_e:
+    y = ReLU(BN(e)) (edge_bn: g1, b1), n = ReLU(BN(y w_n + b_n)) (neib_att: g2, b2),
+    c = softmax_j LeakyReLU(s_i + n_ij), returns (ReLU(sum_j c_ij y_ij + b_a), max_j y_ij,
+    (mean, var of e, mean, var of the neighbour score)). `stats` given: normalise with those
+    (inference), else with the batch's moments, reduced over replicas by `reduce` as `BatchNorm`.
+
+    Passes over the edges run under `lax.map` over chunks, each rematerialised in the backward
+    pass, so no [B,N,k,F] tensor is ever stored: the BatchNorm moments need the whole batch, so
+    the forward is 2 moment passes, one for the neighbour scores and the maximum, one for the
+    attention sum; the backward recomputes each chunk's edges from u.
+    """
+    red = reduce or (lambda v: v)
+    B, N, F = u.shape
+    k = idx.shape[-1]
+    c = _chunk_size(B, chunk)
+    nc = B // c
+    split = lambda a: a.reshape((nc, c) + a.shape[1:])  # noqa: E731
+    us, idxs = split(u), split(idx)
+    axes = (0, 1, 2)
+
+    def cmap(f, *xs):
+        return jax.lax.map(lambda a: jax.checkpoint(f)(*a), xs)
+
+    def edges(uc, ic):
+        return uc[:, :, None, :] - gather_neighbours(uc, ic) + b_e
+
+    if stats is None:  # as BatchNorm: biased variance around the stop-gradient mean, replica sums
+        count = red(jnp.asarray(B * N * k, u.dtype))
+        m1 = red(jnp.sum(cmap(lambda uc, ic: jnp.sum(edges(uc, ic), axes), us, idxs), 0)) / count
+        m1s = jax.lax.stop_gradient(m1)
+        v1 = red(jnp.sum(cmap(lambda uc, ic: jnp.sum(jnp.square(edges(uc, ic) - m1s), axes), us, idxs), 0)) / count
+    else:
+        m1, v1 = stats[0], stats[1]
+    r1 = jax.lax.rsqrt(v1 + eps)
+
+    def y_of(uc, ic):
+        return jax.nn.relu((edges(uc, ic) - m1) * r1 * g1 + b1)
+
+    def scores_and_max(uc, ic):
+        y = y_of(uc, ic)
+        return y @ w_n + b_n, jnp.max(y, axis=2)
+
+    nraw, gmax = cmap(scores_and_max, us, idxs)
+    nraw, gmax = nraw.reshape(B, N, k, 1), gmax.reshape(B, N, F)
+    if stats is None:
+        m2 = red(jnp.sum(nraw, axes)) / count
+        v2 = red(jnp.sum(jnp.square(nraw - jax.lax.stop_gradient(m2)), axes)) / count
+    else:
+        m2, v2 = stats[2], stats[3]
+    n = jax.nn.relu((nraw - m2) * jax.lax.rsqrt(v2 + eps) * g2 + b2)
+    coefs = jax.nn.softmax(jax.nn.leaky_relu(s[:, :, None, :] + n, 0.2), axis=2)
+    att = cmap(lambda uc, ic, cc: jnp.sum(cc * y_of(uc, ic), axis=2), us, idxs, split(coefs))
+    return jax.nn.relu(att.reshape(B, N, F) + b_a), gmax, (m1, v1, m2, v2)

@@ -37,5 +37,11 @@ def knn_indices(dist: Array, k: int) -> Array:
 
 
 def gather_neighbours(x: Array, idx: Array) -> Array:
-    """x [B,N,C], idx [B,N,k] -> [B,N,k,C]."""
-    return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+    """x [B,N,C], idx [B,N,k] -> [B,N,k,C].
+
+    One row gather from the flattened [B*N, C] points (XLA's CPU backend copies whole rows; the
+    batched per-jet gather `vmap(x_b[idx_b])` is about 4x slower there). Same values.
+    """
+    B, N, C = x.shape
+    flat = idx + (jnp.arange(B, dtype=idx.dtype) * N)[:, None, None]
+    return jnp.take(x.reshape(B * N, C), flat.reshape(-1), axis=0).reshape(idx.shape + (C,))

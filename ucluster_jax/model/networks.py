@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ucluster_jax.config import ModelConfig
-from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
+from ucluster_jax.model.batchnorm import ReplicaSum
 from ucluster_jax.model.gap import ConvBN, GAPLayer, glorot
 from ucluster_jax.model.knn import eta_phi_distance, knn_indices, pairwise_sq_dist
 
@@ -23,6 +23,7 @@ class UCluster(nn.Module):
     cfg: ModelConfig
     replica_sum: ReplicaSum | None = None
     edge_per_point: bool = True
+    edge_chunk: int = 8  # jets per chunk of the GAP layers' edge computations (0: unchunked); same function
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float = 0.0,
@@ -33,12 +34,14 @@ class UCluster(nn.Module):
         call = dict(train=train, decay=decay, mask=mask)
 
         idx1 = knn_indices(eta_phi_distance(x, cfg.padding_penalty), cfg.k)
-        a1, g1 = GAPLayer(cfg.gap1_width, edge_per_point=self.edge_per_point, name="gap1", **kw)(x, idx1, **call)
+        a1, g1 = GAPLayer(cfg.gap1_width, edge_per_point=self.edge_per_point, edge_chunk=self.edge_chunk,
+                          name="gap1", **kw)(x, idx1, **call)
         net01 = ConvBN(cfg.conv1_widths[0], name="gapnet01", **kw)(jnp.concatenate([x, a1], -1), **call)
         net02 = ConvBN(cfg.conv1_widths[1], name="gapnet02", **kw)(net01, **call)
 
         idx2 = knn_indices(pairwise_sq_dist(net02), cfg.k)
-        a2, g2 = GAPLayer(cfg.gap2_width, edge_per_point=self.edge_per_point, name="gap2", **kw)(net02, idx2, **call)
+        a2, g2 = GAPLayer(cfg.gap2_width, edge_per_point=self.edge_per_point, edge_chunk=self.edge_chunk,
+                          name="gap2", **kw)(net02, idx2, **call)
         net11 = ConvBN(cfg.conv2_widths[0], name="gapnet11", **kw)(jnp.concatenate([x, a2], -1), **call)
         net12 = ConvBN(cfg.conv2_widths[1], name="gapnet12", **kw)(net11, **call)
 
