@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Baselines for the W/Z/top study (docs/RESULTS.md), on the same parquet test jets as the model.
+
+    python scripts/baselines.py mass --train TRAIN --test TEST [--plot PNG] [--json OUT]
+        mass-window cuts (the original's windows, and the best two cuts found on TRAIN) and
+        k-means (k=3) on the jet mass, fitted on TRAIN, applied to TEST.
+    python scripts/baselines.py embed --run RUN --epoch E --train TRAIN --test TEST [--train-part N] [--json OUT]
+        k-means (k=3, k-means++ 10 restarts) on the 3-d embedding of the checkpoint written after
+        epoch E (the last focal-only epoch), fitted on TRAIN embeddings, applied to TEST embeddings.
+    python scripts/baselines.py supervised-data --data IN --out OUT [--part N]
+        a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top), num_targets=3.
+    python scripts/baselines.py supervised --run RUN --test TEST [--json OUT]
+        accuracy of argmax(logits) of a run trained on such a copy (model.num_targets=3).
+
+All accuracies are global over the test set; clusterings use the Hungarian-matched accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.metrics import contingency_np, matched_accuracy
+from ucluster_jax.train.kmeans import kmeans
+
+CLASSES = ("W", "Z", "top")
+
+
+def _mass_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    ds = ParquetDataset(path)
+    cols = {}
+    for b in ds.iter_all(4096):  # only mass and label are kept; avoids holding all particles
+        for k in ("mass", "label"):
+            cols.setdefault(k, []).append(b[k])
+    return np.concatenate(cols["mass"]).astype(np.float64), np.concatenate(cols["label"]).astype(np.int64)
+
+
+def window_predict(mass: np.ndarray, w_hi: float, z: tuple[float, float], top: tuple[float, float]) -> np.ndarray:
+    """W: m < w_hi; Z: z[0] <= m < z[1]; top: top[0] <= m < top[1]; anything else: -1 (counted wrong)."""
+    pred = np.full(len(mass), -1, np.int64)
+    pred[mass < w_hi] = 0
+    pred[(mass >= z[0]) & (mass < z[1])] = 1
+    pred[(mass >= top[0]) & (mass < top[1])] = 2
+    return pred
+
+
+def best_cuts(mass: np.ndarray, label: np.ndarray, step: float = 0.5) -> tuple[float, float, float]:
+    """Best two cuts a < b (W below a, Z in [a, b), top from b) by accuracy; a gap never helps."""
+    order = np.argsort(mass)
+    m, y = mass[order], label[order]
+    grid = np.arange(10.0, 200.0 + step, step)
+    idx = np.searchsorted(m, grid)  # jets below each grid value
+    cum = np.stack([np.concatenate([[0], np.cumsum(y == c)]) for c in range(3)])  # [3, n+1]
+    below = cum[:, idx]  # [3, G] class counts below grid value
+    total = cum[:, -1][:, None]
+    # acc(a, b) = W below a + Z in [a, b) + top above b
+    w = below[0][:, None]
+    zc = below[1][None, :] - below[1][:, None]
+    t = (total[2] - below[2])[None, :]
+    score = np.where(grid[:, None] < grid[None, :], w + zc + t, -1)
+    i, j = np.unravel_index(np.argmax(score), score.shape)
+    return float(grid[i]), float(grid[j]), float(score[i, j] / len(mass))
+
+
+def confusion_pred(pred: np.ndarray, label: np.ndarray) -> list[list[int]]:
+    """Rows: predicted class (W, Z, top, none); columns: truth W, Z, top."""
+    m = np.zeros((4, 3), np.int64)
+    np.add.at(m, (np.where(pred < 0, 3, pred), label), 1)
+    return m.tolist()
+
+
+def cmd_mass(a: argparse.Namespace) -> dict:
+    m_tr, y_tr = _mass_label(a.train)
+    m_te, y_te = _mass_label(a.test)
+    out: dict = {"n_train": int(len(m_tr)), "n_test": int(len(m_te))}
+    orig = window_predict(m_te, 85.0, (85.0, 100.0), (160.0, 200.0))
+    out["window_original"] = {"windows": "W < 85, Z 85-100, top 160-200 GeV", "accuracy": float(np.mean(orig == y_te)),
+                              "unassigned": float(np.mean(orig < 0)), "confusion": confusion_pred(orig, y_te)}
+    a_cut, b_cut, acc_tr = best_cuts(m_tr, y_tr)
+    best = window_predict(m_te, a_cut, (a_cut, b_cut), (b_cut, np.inf))
+    out["window_best"] = {"windows": f"W < {a_cut:g}, Z {a_cut:g}-{b_cut:g}, top >= {b_cut:g} GeV (fitted on train)",
+                          "cuts": [a_cut, b_cut], "train_accuracy": acc_tr, "accuracy": float(np.mean(best == y_te)),
+                          "confusion": confusion_pred(best, y_te)}
+    mu = kmeans(m_tr[:, None], 3, seed=0, restarts=10)
+    assign = np.argmin((m_te[:, None] - mu[None, :, 0]) ** 2, axis=1)
+    cont = contingency_np(assign, y_te, 3, 3)
+    acc, mapping = matched_accuracy(cont)
+    out["kmeans_mass"] = {"centres_gev": sorted(float(c) for c in mu[:, 0]), "accuracy": acc, "confusion": cont.tolist(),
+                          "cluster_to_class": mapping.tolist()}
+    # class composition of the samples, for the record
+    out["test_mass_median"] = {CLASSES[c]: float(np.median(m_te[y_te == c])) for c in range(3)}
+    out["test_fractions"] = {CLASSES[c]: float(np.mean(y_te == c)) for c in range(3)}
+    if a.plot:
+        _mass_plot(m_te, y_te, (a_cut, b_cut), a.plot)
+    return out
+
+
+def _mass_plot(mass: np.ndarray, label: np.ndarray, cuts: tuple[float, float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bins = np.linspace(0, 200, 81)
+    for c, name in enumerate(CLASSES):
+        ax.hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=f"{name} ({np.sum(label == c)})")
+    for x, ls in ((85, ":"), (100, ":"), (160, ":")):
+        ax.axvline(x, color="grey", ls=ls, lw=1)
+    for x in cuts:
+        ax.axvline(x, color="k", ls="--", lw=1)
+    ax.set_xlabel("jet mass [GeV]")
+    ax.set_ylabel("jets / 2.5 GeV")
+    ax.set_title("test jets; dotted: original windows, dashed: best cuts (train)")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load_epoch(run: Path, epoch: int | None):
+    from ucluster_jax import checkpoint
+    from ucluster_jax.evaluate import load_run
+    from ucluster_jax.train.state import create_state
+
+    cfg, state, meta = load_run(run)
+    if epoch is None or int(meta["epoch"]) == epoch:
+        return cfg, state, meta
+    for p in checkpoint.list_checkpoints(run):
+        blob, m = checkpoint.read_verified(p)
+        if int(m["epoch"]) == epoch:
+            return cfg, checkpoint.restore(blob, create_state(cfg), p), m
+    raise SystemExit(f"{run}: no checkpoint of epoch {epoch} (train with --set train.keep_checkpoints=50)")
+
+
+def cmd_embed(a: argparse.Namespace) -> dict:
+    from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.loop import embed
+
+    cfg, state, meta = _load_epoch(a.run, a.epoch)
+    rt = setup("single")
+    bs = cfg.train.eval_batch_size
+    # --train-part N: every N-th row group of TRAIN only (a 1/N subset, for speed)
+    tr = embed(rt, cfg, state, ParquetDataset(a.train, rank=0, world=a.train_part), train_mode_bn=False, batch=bs)
+    te = embed(rt, cfg, state, ParquetDataset(a.test), train_mode_bn=False, batch=bs)
+    mu = kmeans(tr["z"], cfg.model.num_clusters, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts)
+    d = np.sum((te["z"][:, None, :] - mu[None]) ** 2, axis=-1)
+    cont = contingency_np(np.argmin(d, 1), te["label"].astype(np.int64), cfg.model.num_clusters, 3)
+    acc, mapping = matched_accuracy(cont)
+    # k-means on the test embeddings themselves, for reference
+    mu_te = kmeans(te["z"], cfg.model.num_clusters, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts)
+    d_te = np.sum((te["z"][:, None, :] - mu_te[None]) ** 2, axis=-1)
+    acc_te = matched_accuracy(contingency_np(np.argmin(d_te, 1), te["label"].astype(np.int64), 3, 3))[0]
+    return {"run": str(a.run), "epoch": int(meta["epoch"]), "step": int(meta["step"]),
+            "accuracy": acc, "confusion": cont.tolist(), "cluster_to_class": mapping.tolist(),
+            "accuracy_kmeans_fitted_on_test": acc_te, "n_train": int(len(tr["z"])), "n_test": int(len(te["z"]))}
+
+
+def cmd_supervised_data(a: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from ucluster_jax.data.schema import ShardWriter
+
+    ds = ParquetDataset(a.data, rank=0, world=a.part)  # --part N: every N-th row group only
+    meta = replace(ds.meta, num_targets=3)
+    w = ShardWriter(a.out, meta, overwrite=a.overwrite)
+    n = 0
+    for b in ds.iter_all(2048):
+        keep = b["label"] >= 0
+        w.add({"x": b["x"][keep], "target": b["label"][keep], "label": b["label"][keep], "mass": b["mass"][keep]})
+        n += int(keep.sum())
+    w.commit()
+    return {"out": str(a.out), "jets": n}
+
+
+def cmd_supervised(a: argparse.Namespace) -> dict:
+    from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.loop import embed
+
+    cfg, state, meta = _load_epoch(a.run, None)
+    rt = setup("single")
+    te = embed(rt, cfg, state, ParquetDataset(a.test), train_mode_bn=False, batch=cfg.train.eval_batch_size)
+    pred = np.argmax(te["logits"], -1)
+    y = te["label"].astype(np.int64)
+    return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": float(np.mean(pred == y)),
+            "confusion": confusion_pred(pred, y)[:3], "n_test": int(len(y))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("mass")
+    s.add_argument("--train", type=Path, required=True)
+    s.add_argument("--test", type=Path, required=True)
+    s.add_argument("--plot", type=Path, help="PNG of the test mass by class with the windows")
+    s = sub.add_parser("embed")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--epoch", type=int, required=True)
+    s.add_argument("--train-part", type=int, default=1, help="fit k-means on 1/N of TRAIN (every N-th row group)")
+    s.add_argument("--train", type=Path, required=True)
+    s.add_argument("--test", type=Path, required=True)
+    s = sub.add_parser("supervised-data")
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--part", type=int, default=1, help="copy 1/N of the jets (every N-th row group)")
+    s = sub.add_parser("supervised")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--test", type=Path, required=True)
+    for s in sub.choices.values():
+        s.add_argument("--json", type=Path, help="also write the result here")
+    a = p.parse_args(argv)
+    res = {"mass": cmd_mass, "embed": cmd_embed, "supervised-data": cmd_supervised_data,
+           "supervised": cmd_supervised}[a.cmd](a)
+    text = json.dumps(res, indent=1)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
