@@ -21,11 +21,11 @@ from ucluster_jax.config import Config, config_from_dict, load_config
 from ucluster_jax.data.prefetch import prefetch
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import CheckpointError, DataError, UserError
-from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
+from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.train.kmeans import kmeans
-from ucluster_jax.train.state import TrainState, create_state
+from ucluster_jax.train.state import TrainState, create_state, learning_rate
 from ucluster_jax.train.step import make_eval_fn
 
 
@@ -125,6 +125,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             if rt.is_root:
                 print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}", flush=True)
         alpha, weight = phase(cfg, epoch)
+        lr = float(learning_rate(host.samples_seen, t, rt.replicas))  # at the epoch's first step
         state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight)))
 
         state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, local_batch)
@@ -139,7 +140,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         rt.check_replicas(state, f"epoch {epoch}")
         if test_ds is not None:
             rec.update(evaluate_split(rt, cfg, host, test_ds, local_batch, prefix="test"))
-        rec.update(alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
+        rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
         if rt.is_root:
             checkpoint.save(out, host, step=int(host.step), keep=t.keep_checkpoints,
                             meta={"epoch": epoch, "config": cfg.to_dict(), "world": rt.world, "replicas": rt.replicas,
@@ -177,8 +178,7 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
     rate = n * local_batch * rt.world / (time.perf_counter() - bar.start)
     cont = rt.sum(np.stack(jax.device_get(per_batch)).astype(np.int64))  # [steps, K, C], all ranks
     loss_parts = rt.sum(np.array([host_sums["loss"], host_sums["focal"], host_sums["kmeans"]])) / (n * rt.replicas)
-    rec = {"loss": loss_parts[0], "focal": loss_parts[1], "kmeans": loss_parts[2], "lr": host_sums["lr"] / n,
-           "jets_per_s": rate, "steps": n}
+    rec = {"loss": loss_parts[0], "focal": loss_parts[1], "kmeans": loss_parts[2], "jets_per_s": rate, "steps": n}
     if cfg.train.pretrain_epochs <= epoch and cont.sum() > 0:
         rec["train_acc"] = matched_accuracy(cont.sum(0))[0]
         rec["train_acc_per_batch"] = per_batch_accuracy(cont)
@@ -187,8 +187,6 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
 
 def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, batch: int, prefix: str) -> dict:
     o = embed(rt, cfg, host, ds, train_mode_bn=False, batch=batch)
-    from ucluster_jax.metrics import contingency_np
-
     cont = rt.sum(contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), cfg.model.num_clusters, 3)
                   if len(o["z"]) else np.zeros((cfg.model.num_clusters, 3), np.int64))
     return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None}
