@@ -40,3 +40,14 @@ def toy_small(tmp_path_factory) -> tuple[Path, Path]:
 TINY = ["model.num_points=30", "model.k=5", "train.batch_size=64", "train.epochs=3", "train.pretrain_epochs=2",
         "train.lr_decay_samples=2000", "train.bn_decay_samples=2000", "train.shuffle=true",
         "train.kmeans_restarts=3"]
+
+
+@pytest.fixture(scope="session")
+def single_run(toy_small, tmp_path_factory) -> Path:
+    """One single-process training run on `toy_small` with the TINY demo config (shared by tests)."""
+    from ucluster_jax.config import load_config
+    from ucluster_jax.train.loop import train
+
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(load_config(REPO / "configs" / "demo.yaml", TINY), toy_small[0], out, test_data=toy_small[1])
+    return out

@@ -30,20 +30,21 @@ def test_schedules_follow_the_original():
     assert float(learning_rate(60_000_000, t)) == pytest.approx(1e-5)  # floor
 
 
-def test_train_is_reproducible_and_resume_is_exact(toy_small, tmp_path):
+def test_train_is_reproducible_and_resume_is_exact(toy_small, single_run, tmp_path):
     train_dir, test_dir = toy_small
     cfg = load_config("configs/demo.yaml", TINY)
-    rec = train(cfg, train_dir, tmp_path / "a", test_data=test_dir)
-    assert rec["epoch"] == 2 and rec["step"] == 3 * (768 // 64)
+    recs = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    rec = recs[-1]
+    assert rec["step"] == 3 * (768 // 64)
     assert 0.0 <= rec["test_acc"] <= 1.0 and rec["train_acc"] > 0.34
-    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert recs[0]["lr"] == pytest.approx(1e-3) and rec["alpha"] == 4.0 and recs[1]["alpha"] == 0.0
 
     train(cfg, train_dir, tmp_path / "b", test_data=test_dir)  # same seed: same numbers
     # interrupted after 2 epochs (the k-means epoch is next), then resumed
     train(load_config("configs/demo.yaml", TINY + ["train.epochs=2"]), train_dir, tmp_path / "c")
     train(cfg, train_dir, tmp_path / "c", resume=True)
-    a, meta_a = final_params(tmp_path / "a")
+    a, meta_a = final_params(single_run)
     b, _ = final_params(tmp_path / "b")
     c, meta_c = final_params(tmp_path / "c")
     assert np.array_equal(a, b)
