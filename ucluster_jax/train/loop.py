@@ -138,7 +138,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                 raise UserError(f"{msg}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
             rec["nonfinite_skipped"] = int(host.nonfinite_steps)
         rt.check_replicas(state, f"epoch {epoch}")
-        if test_ds is not None:
+        if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
             rec.update(evaluate_split(rt, cfg, host, test_ds, local_batch, prefix="test"))
         rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
         if rt.is_root:
