@@ -76,3 +76,18 @@ def test_two_rank_training_matches_one_process(toy_small, single_run, tmp_path):
     assert abs(rec1["test_acc"] - rec2["test_acc"]) < 0.1
     ckpts = sorted((tmp_path / "two" / "checkpoints").glob("*.msgpack"))
     assert len(ckpts) == 3  # one writer: rank 0
+
+
+def test_resume_at_another_world_size(toy_small, single_run, tmp_path):
+    """A run trained by one process continues under 2 ranks (any world size dividing the batch)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    sets = [a for s in TINY + ["train.epochs=4"] for a in ("--set", s)]
+    r = mpirun(2, sys.executable, "-m", "ucluster_jax.cli", "train", "--config", "configs/demo.yaml",
+               "--data", str(toy_small[0]), "--out", str(run), "--resume", *sets, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in recs] == [0, 1, 2, 3]
+    assert recs[3]["step"] == 4 * (768 // 64) and recs[3]["samples_seen"] == 4 * 768
