@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from ucluster_jax.errors import UserError
+from ucluster_jax.progress import Progress
 
 INSTALL_HINT = "pip install 'ucluster-jax[generate]'"
 PYTHIA_SEED_MAX = 900_000_000  # Pythia accepts Random:seed in 0..900_000_000; 0 means "from the clock"
@@ -551,61 +552,6 @@ def mpi_rank_size() -> tuple[int, int]:
     return 0, 1
 
 
-class _Progress:
-    """One line on stderr, rewritten in place on a terminal (a new line every 30 s otherwise)."""
-
-    def __init__(self, total: int, unit: str, prefix: str = "generate", stream=None, enabled: bool = True):
-        self.total, self.unit, self.prefix = total, unit, prefix
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.monotonic()
-        self.last = self.t0 if not self.tty else 0.0  # logs: first line after 30 s
-        self.events = self.jets = 0
-        self.shown = False
-
-    def line(self) -> str:
-        dt = max(time.monotonic() - self.t0, 1e-9)
-        rate = self.events / dt
-        done = self.jets if self.unit == "jets" else self.events
-        frac = done / self.total if self.total else 1.0
-        eta = (dt / frac - dt) if frac > 0 else float("nan")
-        return (f"{self.prefix}: {done}/{self.total} {self.unit} ({100 * frac:.0f}%), "
-                f"{self.events} events, {self.jets} jets, {rate:.1f} events/s, ETA {_fmt_s(eta)}")
-
-    def update(self, events: int, jets: int, force: bool = False) -> None:
-        self.events, self.jets = events, jets
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < (0.5 if self.tty else 30.0):
-            return
-        self.last = now
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\033[K")
-            self.shown = True
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
-
-    def end(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.shown:
-            self.stream.write("\r\033[K")
-        self.stream.write(message + "\n")
-        self.stream.flush()
-
-
-def _fmt_s(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    h, m = divmod(s, 3600)
-    m, sec = divmod(m, 60)
-    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
-
-
 def _run_ranks(job: Job, ranks: list[int], overwrite: bool,
                report: Callable[[str, object], None]) -> None:
     """Generate all chunks of the given ranks in this process, reporting through `report`:
@@ -776,19 +722,23 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
     # progress: totals for this MPI rank's share
     share = sum(sum(c.quotas.values()) for r in my_ranks for c in job.chunks(r))
     prefix = "generate" if mpi_size == 1 else f"generate rank {mpi_rank}/{mpi_size}"
-    bar = _Progress(share, job.mode, prefix, enabled=progress and mpi_rank == 0)
+    bar = Progress(share, job.mode, prefix + ":", enabled=progress and mpi_rank == 0, log_interval=30.0)
     result = GenerateResult(out=out)
     counts = {"events": 0, "jets": 0}
+
+    def show():
+        ev, jt = counts["events"], counts["jets"]
+        bar.update(jt if job.mode == "jets" else ev, f"{ev} events, {jt} jets, {bar.rate(ev):.1f} events/s")
 
     def on_report(kind, payload):
         if kind == "event":
             counts["events"] += 1
             counts["jets"] += payload
-            bar.update(counts["events"], counts["jets"])
+            show()
         elif kind == "progress":
             counts["events"] += payload[0]
             counts["jets"] += payload[1]
-            bar.update(counts["events"], counts["jets"])
+            show()
         elif kind == "chunk":
             result.files.append(Path(payload["path"]))
             if payload["skipped"]:
@@ -806,7 +756,7 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
             _run_workers(job, my_ranks, overwrite, on_report)
     except KeyboardInterrupt:
         done = sorted(job.out_dir.glob("shard-*.h5"))
-        bar.end(f"{prefix}: interrupted after {counts['events']} events; {len(done)} complete chunk "
+        bar.close(f"{prefix}: interrupted after {counts['events']} events; {len(done)} complete chunk "
                 f"file(s) kept in {job.out_dir} (rerun the same command to finish)")
         raise
     finally:
@@ -833,7 +783,7 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
 
     skipped = f", {result.skipped_chunks} chunk(s) already there" if result.skipped_chunks else ""
     bar.enabled = progress  # every rank reports its own end line
-    bar.end(f"{prefix}: {result.jets} jets from {result.events} events in {result.seconds:.1f} s "
+    bar.close(f"{prefix}: {result.jets} jets from {result.events} events in {result.seconds:.1f} s "
             f"({result.events_per_s:.1f} events/s{skipped}) -> {out}")
     return result
 
