@@ -7,6 +7,7 @@ alpha growing each epoch. Files -> batches -> step -> metrics; only rank 0 logs 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -45,10 +46,16 @@ def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
         raise DataError(f"{path}: data has (points, features, targets) = {have}, the config's model expects {want}")
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_eval(cfg: Config, train_mode_bn: bool):
+    """One jitted evaluation function per (config, BN mode): scoring every epoch compiles once."""
+    return jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
+
+
 def embed(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset, *, train_mode_bn: bool,
           batch: int) -> dict[str, np.ndarray]:
     """Embeddings, distances and labels of this rank's jets, in file order (one device per rank)."""
-    fn = jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
+    fn = _compiled_eval(cfg, train_mode_bn)
     dev = rt.devices[0]
     state = jax.device_put(host_state, dev)
     outs: dict[str, list] = {"z": [], "dist": [], "label": [], "mass": [], "logits": []}
