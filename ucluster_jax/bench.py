@@ -916,4 +916,7 @@ def _worker_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from ucluster_jax.host_tuning import tune_process
+
+    tune_process()
     sys.exit(worker(_worker_parser().parse_args()))

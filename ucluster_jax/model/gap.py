@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
+from ucluster_jax.model.dense import Dense, matmul
 from ucluster_jax.model.knn import gather_neighbours
 
 Array = jax.Array
@@ -22,7 +23,7 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float, mask: Array | None = None) -> Array:
-        y = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=glorot, name="dense")(x)
+        y = Dense(self.features, use_bias=self.use_bias, name="dense")(x)
         y = BatchNorm(self.bn_epsilon, self.replica_sum, name="bn")(y, train=train, decay=decay, mask=mask)
         return nn.relu(y)
 
@@ -54,9 +55,9 @@ class GAPLayer(nn.Module):
         w_e = self.param("edge_kernel", glorot, (x.shape[-1], self.features))
         b_e = self.param("edge_bias", nn.initializers.zeros, (self.features,))
         if self.edge_chunk > 0 and self.edge_per_point and mask is None:
-            return self._chunked(x @ w_e, b_e, h, idx, train=train, decay=decay)
+            return self._chunked(matmul(x, w_e), b_e, h, idx, train=train, decay=decay)
         if self.edge_per_point:
-            u = x @ w_e
+            u = matmul(x, w_e)
             e = u[:, :, None, :] - gather_neighbours(u, idx) + b_e
         else:
             e = (x[:, :, None, :] - gather_neighbours(x, idx)) @ w_e + b_e
