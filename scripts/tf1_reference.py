@@ -250,9 +250,10 @@ def build_graph(batch_size):
     km_loss, dist = kmeans_loss(tf.squeeze(t["z"]), mu, alpha)
     lr = tf.maximum(v1.train.exponential_decay(1e-3, step * BATCH_SIZE_TRAIN, DECAY_STEP, 0.5, staircase=True), 1e-5)
     opt = v1.train.AdamOptimizer(lr)
-    opt.minimize(10 * km_loss + class_loss, global_step=step)
-    opt.minimize(class_loss, global_step=step)
-    t.update(x=x, is_training=is_training, mu=mu, dist=tf.transpose(dist), step=step)
+    train_joint = opt.minimize(10 * km_loss + class_loss, global_step=step)
+    train_focal = opt.minimize(class_loss, global_step=step)
+    t.update(x=x, labels=labels, alpha=alpha, is_training=is_training, mu=mu, dist=tf.transpose(dist), step=step,
+             train_joint=train_joint, train_focal=train_focal)
     return t
 
 

@@ -62,6 +62,17 @@ def test_two_ranks_times_two_devices_equal_one_process(reference, tmp_path):
     assert_equivalent(np.load(tmp_path / "hybrid.npz"), reference, 4)
 
 
+def test_two_ranks_through_jax_distributed_equal_one_process(reference, tmp_path):
+    # engine jaxdist (the comparison engine): no mpi4jax in the step; BN moments and gradients are
+    # psum'd by XLA's collectives (gloo here) over every device of the processes jax.distributed joined.
+    r = mpirun(2, sys.executable, SCRIPT, "jaxdist", str(tmp_path / "jaxdist.npz"),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = np.load(tmp_path / "jaxdist.npz")
+    assert str(res["engine"]) == "jaxdist"
+    assert_equivalent(res, reference, 4)  # 2 ranks x 2 devices
+
+
 def test_two_rank_training_matches_one_process(toy_small, single_run, tmp_path):
     train_dir, test_dir = toy_small
     sets = [a for s in TINY for a in ("--set", s)]

@@ -363,7 +363,7 @@ def worker(args: argparse.Namespace) -> int:
     from ucluster_jax.train.state import create_state
 
     cfg = load_config(args.config, args.overrides)
-    rt = setup(args.worker, num_devices=args.devices if args.worker in ("local", "hybrid") else None)
+    rt = setup(args.worker, num_devices=args.devices if args.worker in ("local", "hybrid", "jaxdist") else None)
     B = args.batch * rt.num_local  # jets this process reads per step
     data = synthetic_jets(B * rt.world, cfg.model.num_points, seed=0)
     mine = {k: v[rt.rank * B:(rt.rank + 1) * B] for k, v in data.items()}
@@ -460,7 +460,7 @@ def run_worker(engine: str, *, batch: int, steps: int, repeats: int, warmup: int
         if devices > 1:
             flags = f"{flags} --xla_force_host_platform_device_count={devices}"
         env["XLA_FLAGS"] = flags.strip()
-        if engine in ("mpi", "hybrid"):
+        if engine in ("mpi", "hybrid", "jaxdist"):
             mpirun = shutil.which("mpirun", path=str(_venv_bin())) or shutil.which("mpirun")
             if not mpirun:
                 log("  (no mpirun found: MPI measurements skipped)")
@@ -876,7 +876,7 @@ def compare(args, cfg_args: list[str], one_thread: bool, log, reuse: list[dict] 
     G = args.replica_batch * 2
     log(f"compare: global batch {G}, {'one thread' if one_thread else 'default threads'} per replica")
     paths = [("single process", "single", 1, 1, G), ("local devices (pmap) x2", "local", 1, 2, G // 2),
-             ("mpi4jax ranks x2", "mpi", 2, 1, G // 2)]
+             ("mpi4jax ranks x2", "mpi", 2, 1, G // 2), ("jax.distributed ranks x2", "jaxdist", 2, 1, G // 2)]
     if not args.quick:
         paths.append(("hybrid 2 ranks x 2 devices", "hybrid", 2, 2, G // 4))
     rows = []
@@ -893,14 +893,12 @@ def compare(args, cfg_args: list[str], one_thread: bool, log, reuse: list[dict] 
     base = next((r for r in rows if r["engine"] == "single"), None)
     for r in rows:
         r["speedup"] = base["step_s"] / r["step_s"] if base else float("nan")
-    rows.append({"path": "jax.distributed", "skipped": "not implemented in the product (no engine uses "
-                 "jax.distributed.initialize); nothing to measure"})
     return rows
 
 
 def _worker_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ucluster_jax.bench")
-    p.add_argument("--worker", required=True, choices=("single", "local", "mpi", "hybrid"))
+    p.add_argument("--worker", required=True, choices=("single", "local", "mpi", "hybrid", "jaxdist"))
     p.add_argument("--batch", type=int, required=True, help="per-replica batch")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)

@@ -7,7 +7,7 @@ import flax.linen as nn
 
 from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
 from ucluster_jax.model.dense import Dense, matmul
-from ucluster_jax.model.knn import gather_neighbours
+from ucluster_jax.model.knn import gather_neighbours, in_degree
 
 Array = jax.Array
 glorot = nn.initializers.glorot_uniform()
@@ -147,8 +147,9 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
 
     Passes over the edges run under `lax.map` over chunks, each rematerialised in the backward
     pass, so no [B,N,k,F] tensor is ever stored: the BatchNorm moments need the whole batch, so
-    the forward is 2 moment passes, one for the neighbour scores and the maximum, one for the
-    attention sum; the backward recomputes each chunk's edges from u.
+    the forward is a variance pass (the mean needs no edges: each point's in-degree), one for the
+    neighbour scores and the maximum, one for the attention sum; the backward recomputes each
+    chunk's edges from u.
     """
     red = reduce or (lambda v: v)
     B, N, F = u.shape
@@ -167,7 +168,10 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
 
     if stats is None:  # as BatchNorm: biased variance around the stop-gradient mean, replica sums
         count = red(jnp.asarray(B * N * k, u.dtype))
-        m1 = red(jnp.sum(cmap(lambda uc, ic: jnp.sum(edges(uc, ic), axes), us, idxs), 0)) / count
+        # sum over edges of u_i - u_j + b_e without the edges: u_i counts k times, minus once per
+        # time point i is a neighbour (saves a pass over the edges, and its backward pass)
+        weight = (k - in_degree(idx)).astype(u.dtype)[..., None]
+        m1 = red(jnp.sum(weight * u, (0, 1))) / count + b_e
         m1s = jax.lax.stop_gradient(m1)
         v1 = red(jnp.sum(cmap(lambda uc, ic: jnp.sum(jnp.square(edges(uc, ic) - m1s), axes), us, idxs), 0)) / count
     else:

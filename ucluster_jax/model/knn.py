@@ -45,3 +45,10 @@ def gather_neighbours(x: Array, idx: Array) -> Array:
     B, N, C = x.shape
     flat = idx + (jnp.arange(B, dtype=idx.dtype) * N)[:, None, None]
     return jnp.take(x.reshape(B * N, C), flat.reshape(-1), axis=0).reshape(idx.shape + (C,))
+
+
+def in_degree(idx: Array) -> Array:
+    """How often each point is someone's neighbour: idx [B,N,k] -> [B,N] int32."""
+    B, N, _ = idx.shape
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=idx.dtype)[:, None, None], idx.shape)
+    return jnp.zeros((B, N), jnp.int32).at[rows, idx].add(1)

@@ -12,6 +12,10 @@ Engines
   replicated back. The BN moments need a reduction inside the forward pass, over every device of every
   process: for those jax.distributed (initialised from MPI) gives pmap's psum its cross-process reach
   (gloo on CPU, NCCL on GPU). The result is again the single-process step on the global batch.
+- jaxdist: the second engine for comparison, without mpi4jax in the step: under mpirun,
+  jax.distributed (initialised from MPI) and pmap over every device of every process; BN moments
+  and gradients both psum'd by XLA's own collectives (gloo on CPU, NCCL on GPU). MPI serves only
+  the host-side bookkeeping (k-means gather, metric sums, checksums).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from ucluster_jax.errors import UserError
 from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
 
-ENGINES = ("auto", "single", "local", "mpi", "hybrid")
+ENGINES = ("auto", "single", "local", "mpi", "hybrid", "jaxdist")
 AXIS = "replica"
 
 
@@ -57,7 +61,7 @@ class Runtime:
     @property
     def replicated(self) -> bool:
         """State carries a leading device axis (pmap engines)."""
-        return self.engine in ("local", "hybrid")
+        return self.engine in ("local", "hybrid", "jaxdist")
 
     def local_batch(self, global_batch: int) -> int:
         """Jets this process reads per step."""
@@ -77,10 +81,10 @@ class Runtime:
             return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R),
                            donate_argnums=0)
         psum = lambda v: jax.lax.psum(v, AXIS)  # noqa: E731
-        if self.engine == "local":
+        if self.engine in ("local", "jaxdist"):  # jaxdist: the same program, the axis spans processes
             pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
             step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R)
-            return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self.devices)
+            return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices)
         # hybrid: BN moments psum'd in-graph over every device of every process (jax.distributed);
         # per-device gradients summed over this host's devices, then ONE mpi4jax allreduce across ranks.
         grads_fn = make_grads_fn(cfg, replica_sum=psum)
@@ -109,6 +113,11 @@ class Runtime:
 
         return step
 
+    @property
+    def _pmap_devices(self) -> list | None:
+        """pmap's devices: the chosen local ones, or (across processes) all of them, pmap's default."""
+        return self.devices if self.world == 1 else None
+
     @staticmethod
     def _unravel(cfg: Config) -> Callable:
         """Flat vector -> parameter pytree, from the parameter shapes alone (no initialisation)."""
@@ -127,9 +136,9 @@ class Runtime:
             mean = self.comm.tree_mean if self.comm else (lambda g: g)
             return jax.jit(lambda state, batch: mean(grads_fn(state, batch)[0]))
         grads_fn = make_grads_fn(cfg, replica_sum=lambda v: jax.lax.psum(v, AXIS))
-        if self.engine == "local":
+        if self.engine in ("local", "jaxdist"):
             local = jax.pmap(lambda st, b: jax.lax.pmean(grads_fn(st, b)[0], AXIS), axis_name=AXIS,
-                             devices=self.devices)
+                             devices=self._pmap_devices)
             return lambda state, batch: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0],
                                                                local(state, batch))
         local = jax.pmap(lambda st, b: ravel_pytree(grads_fn(st, b)[0])[0], axis_name=AXIS)
@@ -210,7 +219,7 @@ def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
     _, size = launched_world()
     if engine == "auto" and size > 1:
         engine = "mpi"
-    if engine == "hybrid":
+    if engine in ("hybrid", "jaxdist"):
         # jax.distributed must come before anything touches the backend; it gives pmap's psum (the BN
         # moments) cross-process reach: gloo on CPU (this setting is ignored by GPU backends), NCCL on GPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -218,7 +227,7 @@ def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
         comm = MPIComm()
         devices = jax.local_devices()
         if num_devices and num_devices != len(devices):
-            raise UserError(f"engine hybrid uses every local device ({len(devices)}), not {num_devices}")
+            raise UserError(f"engine {engine} uses every local device ({len(devices)}), not {num_devices}")
         return Runtime(engine, comm.rank, comm.size, devices, comm)
     devices = jax.local_devices()
     if num_devices:
