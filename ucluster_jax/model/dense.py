@@ -8,7 +8,6 @@ Dense + BatchNorm + ReLU backward pass (docs/BENCHMARKS.md). Values and gradient
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
 Array = jax.Array

@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
-from ucluster_jax.model.dense import Dense, matmul
+from ucluster_jax.model.dense import Dense, glorot, matmul
 from ucluster_jax.model.knn import gather_neighbours, in_degree
 
 Array = jax.Array
-glorot = nn.initializers.glorot_uniform()
 
 
 class ConvBN(nn.Module):
