@@ -16,15 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import tf1_reference as ref  # noqa: E402
+
+sys.path.insert(0, str(ref.REPO))
+from ucluster_jax.bench import timed  # noqa: E402  (stdlib-only at import: fine in the TF venv)
 
 v1, tf = ref.v1, ref.tf
 
@@ -35,17 +36,6 @@ def jets(n: int, seed: int = 0) -> np.ndarray:
     real = rng.integers(20, 70, n)
     x[np.arange(ref.NUM_POINT)[None, :] >= real[:, None]] = 0.0
     return x
-
-
-def timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main() -> int:
@@ -76,12 +66,12 @@ def main() -> int:
             for _ in range(a.steps):
                 sess.run([t["z"], t["dist"]], feed_dict={**eval_feed, t["alpha"]: 4.0})
 
-        tt = timed(train, a.warmup, a.repeats)
-        te = timed(evaluate, a.warmup, a.repeats)
+        tt = timed(train, warmup=a.warmup, repeats=a.repeats)
+        te = timed(evaluate, warmup=a.warmup, repeats=a.repeats)
     rec = {"tensorflow": tf.__version__, "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(default)"),
-           "batch": B, "train_jets_per_s": B * a.steps / statistics.median(tt),
-           "eval_jets_per_s": B * a.steps / statistics.median(te), "train_times_s": tt, "eval_times_s": te,
-           "load_avg": os.getloadavg()}
+           "batch": B, "train_jets_per_s": B * a.steps / tt["median_s"],
+           "eval_jets_per_s": B * a.steps / te["median_s"], "train_times_s": tt["times_s"],
+           "eval_times_s": te["times_s"], "load_avg": os.getloadavg()}
     print(json.dumps(rec, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(rec, indent=1))

@@ -44,12 +44,9 @@ def tune_process() -> None:
     if os.environ.get("UCLUSTER_NO_TUNING") or "jax" in sys.modules:
         return
     env = tuned_env(os.environ)
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
-        return
-    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
-        os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    if glibc and env["GLIBC_TUNABLES"] != os.environ.get("GLIBC_TUNABLES"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
