@@ -7,7 +7,7 @@ import flax.linen as nn
 
 from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
 from ucluster_jax.model.dense import Dense, glorot, matmul
-from ucluster_jax.model.knn import gather_neighbours, in_degree
+from ucluster_jax.model.knn import adjacency, gather_neighbours
 
 Array = jax.Array
 
@@ -145,10 +145,10 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
     (inference), else with the batch's moments, reduced over replicas by `reduce` as `BatchNorm`.
 
     Passes over the edges run under `lax.map` over chunks, each rematerialised in the backward
-    pass, so no [B,N,k,F] tensor is ever stored: the BatchNorm moments need the whole batch, so
-    the forward is a variance pass (the mean needs no edges: each point's in-degree), one for the
-    neighbour scores and the maximum, one for the attention sum; the backward recomputes each
-    chunk's edges from u.
+    pass, so no [B,N,k,F] tensor is ever stored. The edge BatchNorm's moments come from per-point
+    sums and the adjacency matrix, so the forward makes two passes over the edges: one for the
+    neighbour scores and the maximum (whose BatchNorm needs the whole batch), one for the
+    attention sum; the backward recomputes each chunk's edges from u.
     """
     red = reduce or (lambda v: v)
     B, N, F = u.shape
@@ -166,13 +166,18 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
         return uc[:, :, None, :] - gather_neighbours(uc, ic) + b_e
 
     if stats is None:  # as BatchNorm: biased variance around the stop-gradient mean, replica sums
+        # Both moments without a pass over the edges (nor one in the backward pass): with A the
+        # adjacency and d_j the in-degree, sum_ij u_i - u_j = sum_i (k - d_i) u_i, and
+        # sum_ij (a_i - v_j)^2 = sum_i k a_i^2 - 2 a_i (A v)_i + d_i v_i^2, for v = u less its
+        # mean (fewer cancelling digits) and a_i = v_i + b_e - mean.
         count = red(jnp.asarray(B * N * k, u.dtype))
-        # sum over edges of u_i - u_j + b_e without the edges: u_i counts k times, minus once per
-        # time point i is a neighbour (saves a pass over the edges, and its backward pass)
-        weight = (k - in_degree(idx)).astype(u.dtype)[..., None]
-        m1 = red(jnp.sum(weight * u, (0, 1))) / count + b_e
-        m1s = jax.lax.stop_gradient(m1)
-        v1 = red(jnp.sum(cmap(lambda uc, ic: jnp.sum(jnp.square(edges(uc, ic) - m1s), axes), us, idxs), 0)) / count
+        adj = jax.lax.stop_gradient(adjacency(idx, u.dtype))
+        deg = jnp.sum(adj, axis=1)[..., None]
+        m1 = red(jnp.sum((k - deg) * u, (0, 1))) / count + b_e
+        v = u - jax.lax.stop_gradient(jnp.mean(u, (0, 1)))
+        a = v + b_e - jax.lax.stop_gradient(m1)
+        sq = k * jnp.square(a) - 2.0 * a * jnp.einsum("bij,bjf->bif", adj, v) + deg * jnp.square(v)
+        v1 = red(jnp.sum(sq, (0, 1))) / count
     else:
         m1, v1 = stats[0], stats[1]
     r1 = jax.lax.rsqrt(v1 + eps)

@@ -47,8 +47,13 @@ def gather_neighbours(x: Array, idx: Array) -> Array:
     return jnp.take(x.reshape(B * N, C), flat.reshape(-1), axis=0).reshape(idx.shape + (C,))
 
 
-def in_degree(idx: Array) -> Array:
-    """How often each point is someone's neighbour: idx [B,N,k] -> [B,N] int32."""
+def adjacency(idx: Array, dtype=jnp.float32) -> Array:
+    """A[b,i,j] = how often j is among i's neighbours: idx [B,N,k] -> [B,N,N].
+
+    Sums over edges become matrix products with it (sum_k x_j = A x, and its transpose A^T),
+    which run near the machine's peak, where a gather's transpose is a slow scatter. Built by a
+    scatter of ones into the flattened matrix (10x faster on CPU than a compare-and-reduce).
+    """
     B, N, _ = idx.shape
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=idx.dtype)[:, None, None], idx.shape)
-    return jnp.zeros((B, N), jnp.int32).at[rows, idx].add(1)
+    flat = idx + (jnp.arange(B * N, dtype=idx.dtype) * N).reshape(B, N, 1)
+    return jnp.zeros((B * N * N,), dtype).at[flat.reshape(-1)].add(1).reshape(B, N, N)
