@@ -1,4 +1,6 @@
 """The network is the original's function: shapes, parameter count, kNN, GAP layer, BatchNorm."""
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,6 +126,72 @@ def test_dense_hand_written_gradient_equals_autodiff():
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(ref)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
+    """`batchnorm.dense_bn_relu` (hand-written backward, for speed) is Dense, BatchNorm, ReLU: values,
+    moments and every gradient, with the moments summed over two replicas (vmap's psum) as in training."""
+    from ucluster_jax.model.batchnorm import dense_bn_relu
+
+    eps = 1e-3
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.PRNGKey(5), 7)
+        x = jax.random.normal(ks[0], (2, 3, 7, 5), jnp.float64)  # [replica, B, N, C]
+        r = jax.random.normal(ks[1], (2, 3, 7, 6), jnp.float64)
+        params = tuple(jax.random.normal(k, shape, jnp.float64)
+                       for k, shape in zip(ks[2:], [(5, 6), (6,), (6,), (6,), (2, 6)]))
+        red = lambda v: jax.lax.psum(v, "r")  # noqa: E731
+
+        def reference(x, w, bias, scale, beta):
+            z = x @ w + bias
+            count = red(jnp.asarray(z.size // 6, z.dtype))
+            m = red(jnp.sum(z, (0, 1))) / count
+            v = red(jnp.sum(jnp.square(z - jax.lax.stop_gradient(m)), (0, 1))) / count
+            return jax.nn.relu((z - m) * jax.lax.rsqrt(v + eps) * scale + beta), m, v
+
+        def per_replica(f, x, rr, *p):
+            def loss(*a):
+                y, m, v = f(*a)
+                return jnp.sum(jnp.tanh(y) * rr) + jnp.sum(m * p[-1][0]) + jnp.sum(v * p[-1][1]), (y, m, v)
+            return jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, *p[:-1])
+
+        results = [jax.vmap(partial(per_replica, f), in_axes=(0, 0) + (None,) * 5, axis_name="r")(x, r, *params)
+                   for f in (reference, partial(dense_bn_relu, red, eps))]
+        for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
+def test_model_training_gradients_equal_autodiff_over_replicas():
+    """The whole model with its hand-written passes (chunked edges) against the plain layers, two
+    replicas with global-batch BatchNorm (vmap's psum), float64: losses, moving moments, gradients."""
+    from ucluster_jax.bench import synthetic_jets
+    from ucluster_jax.config import ModelConfig
+    from ucluster_jax.losses import combined_loss
+
+    cfg = ModelConfig(num_points=30, k=5)
+    with jax.enable_x64(True):
+        d = synthetic_jets(8, 30, seed=2)
+        x = jnp.asarray(d["x"], jnp.float64).reshape(2, 4, 30, -1)
+        tgt = jnp.asarray(d["target"]).reshape(2, 4, *d["target"].shape[1:])
+        v = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) + 0.1, init_variables(cfg, 2))
+
+        def run(chunk):
+            m = UCluster(cfg, replica_sum=lambda a: jax.lax.psum(a, "r"), edge_chunk=chunk)
+
+            def per_replica(x, t):
+                def loss(p):
+                    out, new = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                       decay=0.7, mutable=["batch_stats"])
+                    return combined_loss(out, t, alpha=4.0, cluster_weight=1.0, gamma=4.0, focal_alpha=10.0)[0], new
+                return jax.value_and_grad(loss, has_aux=True)(v["params"])
+            return jax.vmap(per_replica, axis_name="r")(x, tgt)
+
+        # Training averages the gradients over replicas: a parameter that acts only through the
+        # global moments (the edge Dense bias, which BatchNorm cancels) may split its zero differently.
+        (a, grads_a), (b, grads_b) = run(0), run(2)
+        sums = [jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), g) for g in (grads_a, grads_b)]
+        for p, q in zip(jax.tree_util.tree_leaves((a, sums[0])), jax.tree_util.tree_leaves((b, sums[1]))):
+            np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
 
 
 def test_cli_processes_start_with_the_speed_settings():

@@ -1,19 +1,25 @@
 """The graph attention pooling (GAP) layer of ABCNet, as in the original `attn_feature`."""
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
-from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
+from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum, dense_bn_relu
 from ucluster_jax.model.dense import Dense, glorot, matmul
-from ucluster_jax.model.knn import adjacency, gather_neighbours
+from ucluster_jax.model.knn import adjacency, gather_neighbours, scatter_neighbours
 
 Array = jax.Array
 
 
 class ConvBN(nn.Module):
-    """The original's "1x1 conv": Dense on the last axis, BatchNorm, ReLU."""
+    """The original's "1x1 conv": Dense on the last axis, BatchNorm, ReLU.
+
+    Training without a mask runs `dense_bn_relu` (same function, a hand-written backward pass).
+    """
 
     features: int
     use_bias: bool = True
@@ -22,6 +28,13 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float, mask: Array | None = None) -> Array:
+        if train and mask is None:
+            w, bias = _DenseVars(self.features, self.use_bias, name="dense")(x.shape[-1])
+            bn = _BNVars(name="bn")
+            g, b, _, _ = bn(self.features)
+            y, mean, var = dense_bn_relu(self.replica_sum, self.bn_epsilon, x, w, bias, g, b)
+            bn(self.features, mean, var, decay)
+            return y
         y = Dense(self.features, use_bias=self.use_bias, name="dense")(x)
         y = BatchNorm(self.bn_epsilon, self.replica_sum, name="bn")(y, train=train, decay=decay, mask=mask)
         return nn.relu(y)
@@ -111,11 +124,17 @@ class _BNVars(nn.Module):
 
 
 class _DenseVars(nn.Module):
-    """nn.Dense(1)'s variables (kernel first, as nn.Dense creates them: same initial values)."""
+    """`Dense`'s variables (kernel first, as it creates them: same initial values); no bias: zeros."""
+
+    features: int = 1
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, c: int):
-        return self.param("kernel", glorot, (c, 1)), self.param("bias", nn.initializers.zeros, (1,))
+        kernel = self.param("kernel", glorot, (c, self.features))
+        if not self.use_bias:
+            return kernel, jnp.zeros((self.features,), kernel.dtype)
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
 
 
 class _ConvBNVars(nn.Module):
@@ -144,33 +163,17 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
     (mean, var of e, mean, var of the neighbour score)). `stats` given: normalise with those
     (inference), else with the batch's moments, reduced over replicas by `reduce` as `BatchNorm`.
 
-    Passes over the edges run under `lax.map` over chunks, each rematerialised in the backward
-    pass, so no [B,N,k,F] tensor is ever stored. The edge BatchNorm's moments come from per-point
-    sums and the adjacency matrix, so the forward makes two passes over the edges: one for the
-    neighbour scores and the maximum (whose BatchNorm needs the whole batch), one for the
-    attention sum; the backward recomputes each chunk's edges from u.
+    No [B,N,k,F] tensor is ever stored: the edge BatchNorm's moments come from per-point sums and
+    the adjacency matrix, and the passes over the edges (`_edge_passes`) run a chunk at a time.
     """
     red = reduce or (lambda v: v)
     B, N, F = u.shape
     k = idx.shape[-1]
-    c = _chunk_size(B, chunk)
-    nc = B // c
-    split = lambda a: a.reshape((nc, c) + a.shape[1:])  # noqa: E731
-    us, idxs = split(u), split(idx)
-    axes = (0, 1, 2)
-
-    def cmap(f, *xs):
-        return jax.lax.map(lambda a: jax.checkpoint(f)(*a), xs)
-
-    def edges(uc, ic):
-        return uc[:, :, None, :] - gather_neighbours(uc, ic) + b_e
-
+    count = red(jnp.asarray(B * N * k, u.dtype))
     if stats is None:  # as BatchNorm: biased variance around the stop-gradient mean, replica sums
-        # Both moments without a pass over the edges (nor one in the backward pass): with A the
-        # adjacency and d_j the in-degree, sum_ij u_i - u_j = sum_i (k - d_i) u_i, and
+        # With A the adjacency and d_j the in-degree, sum_ij u_i - u_j = sum_i (k - d_i) u_i, and
         # sum_ij (a_i - v_j)^2 = sum_i k a_i^2 - 2 a_i (A v)_i + d_i v_i^2, for v = u less its
         # mean (fewer cancelling digits) and a_i = v_i + b_e - mean.
-        count = red(jnp.asarray(B * N * k, u.dtype))
         adj = jax.lax.stop_gradient(adjacency(idx, u.dtype))
         deg = jnp.sum(adj, axis=1)[..., None]
         m1 = red(jnp.sum((k - deg) * u, (0, 1))) / count + b_e
@@ -180,23 +183,110 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
         v1 = red(jnp.sum(sq, (0, 1))) / count
     else:
         m1, v1 = stats[0], stats[1]
-    r1 = jax.lax.rsqrt(v1 + eps)
+    # y_ij = ReLU(alpha (u_i - u_j) + beta): the edge BatchNorm folded into one scale and shift
+    alpha = g1 * jax.lax.rsqrt(v1 + eps)
+    beta = b1 + (b_e - m1) * alpha
 
-    def y_of(uc, ic):
-        return jax.nn.relu((edges(uc, ic) - m1) * r1 * g1 + b1)
-
-    def scores_and_max(uc, ic):
-        y = y_of(uc, ic)
-        return y @ w_n + b_n, jnp.max(y, axis=2)
-
-    nraw, gmax = cmap(scores_and_max, us, idxs)
-    nraw, gmax = nraw.reshape(B, N, k, 1), gmax.reshape(B, N, F)
+    c = _chunk_size(B, chunk)
     if stats is None:
-        m2 = red(jnp.sum(nraw, axes)) / count
-        v2 = red(jnp.sum(jnp.square(nraw - jax.lax.stop_gradient(m2)), axes)) / count
+        att, gmax, (m2, v2) = _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count)
     else:
         m2, v2 = stats[2], stats[3]
+        head = partial(_head, lambda nraw: (m2, v2), eps)
+        (att, gmax, _), _ = _forward(head, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)
+    return jax.nn.relu(att + b_a), gmax, (m1, v1, m2, v2)
+
+
+def _batch_moments(red: ReplicaSum, count: Array, nraw: Array) -> tuple[Array, Array]:
+    m = red(jnp.sum(nraw)) / count
+    return m, red(jnp.sum(jnp.square(nraw - jax.lax.stop_gradient(m)))) / count
+
+
+def _head(moments, eps: float, nraw: Array, s: Array, g2: Array, b2: Array):
+    """The neighbour scores' BatchNorm (moments from `moments(nraw)`) and the attention softmax."""
+    m2, v2 = moments(nraw)
     n = jax.nn.relu((nraw - m2) * jax.lax.rsqrt(v2 + eps) * g2 + b2)
-    coefs = jax.nn.softmax(jax.nn.leaky_relu(s[:, :, None, :] + n, 0.2), axis=2)
-    att = cmap(lambda uc, ic, cc: jnp.sum(cc * y_of(uc, ic), axis=2), us, idxs, split(coefs))
-    return jax.nn.relu(att.reshape(B, N, F) + b_a), gmax, (m1, v1, m2, v2)
+    return jax.nn.softmax(jax.nn.leaky_relu(s[:, :, None, :] + n, 0.2), axis=2), (m2, v2)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count):
+    """(sum_j c_ij y_ij, max_j y_ij, head's moments) for y_ij = ReLU(alpha (u_i - u_j) + beta).
+
+    Two passes over the edges, `c` jets at a time: neighbour scores and maxima, then (the scores'
+    BatchNorm needs the whole batch) the attention sum. The backward pass is written out because
+    autodiff's needs four passes and two scatters; this one needs two passes and one scatter,
+    with the per-edge sums turned into per-point ones (d alpha = sum_i u_i (P - Q)_i below).
+    """
+    return _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count)[0]
+
+
+def _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count):
+    head = partial(_head, partial(_batch_moments, red, count), eps)
+    out, res = _forward(head, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)
+    return out, res + (count,)
+
+
+def _forward(head, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
+    B, N, F = u.shape
+    nc = B // c
+    split = lambda a: a.reshape((nc, c) + a.shape[1:])  # noqa: E731
+
+    def scores_and_max(args):
+        uc, ic = args
+        y = _edge_y(uc, ic, alpha, beta)
+        return jnp.sum(y * w_n[:, 0], axis=-1, keepdims=True) + b_n, jnp.max(y, axis=2)
+
+    nraw, gmax = jax.lax.map(scores_and_max, (split(u), split(idx)))
+    nraw, gmax = nraw.reshape(B, N, -1, 1), gmax.reshape(B, N, F)
+    coefs, moments = head(nraw, s, g2, b2)
+
+    def attention(args):
+        uc, ic, cc = args
+        return jnp.sum(cc * _edge_y(uc, ic, alpha, beta), axis=2)
+
+    att = jax.lax.map(attention, (split(u), split(idx), split(coefs))).reshape(B, N, F)
+    return (att, gmax, moments), (u, idx, s, alpha, beta, w_n, b_n, g2, b2, nraw, gmax, coefs)
+
+
+def _edge_passes_bwd(red, eps, c, res, cot):
+    u, idx, s, alpha, beta, w_n, b_n, g2, b2, nraw, gmax, coefs, count = res
+    head = partial(_head, partial(_batch_moments, red, count), eps)
+    d_att, d_gmax, d_moments = cot
+    B, N, F = u.shape
+    nc = B // c
+    split = lambda a: a.reshape((nc, c) + a.shape[1:])  # noqa: E731
+
+    def d_coefs(args):  # d/dc_ij of sum_j c_ij y_ij
+        uc, ic, dac = args
+        return jnp.sum(_edge_y(uc, ic, alpha, beta) * dac[:, :, None, :], axis=-1, keepdims=True)
+
+    dc = jax.lax.map(d_coefs, (split(u), split(idx), split(d_att))).reshape(coefs.shape)
+    _, head_vjp = jax.vjp(head, nraw, s, g2, b2)
+    d_nraw, d_s, d_g2, d_b2 = head_vjp((dc, d_moments))
+
+    def d_edges(args):  # per chunk: P = sum_j dpre_ij, Q_j = sum over edges into j of dpre, d w_n
+        uc, ic, cc, dnc, dac, gmc, dgc = args
+        pre = alpha * (uc[:, :, None, :] - gather_neighbours(uc, ic)) + beta
+        y = jax.nn.relu(pre)
+        at_max = (y == gmc[:, :, None, :]).astype(y.dtype)  # ties share the gradient, as jnp.max's
+        dy = cc * dac[:, :, None, :] + dnc * w_n[:, 0] + at_max * (dgc / jnp.sum(at_max, axis=2))[:, :, None, :]
+        dpre = jnp.where(pre > 0, dy, 0.0)
+        return jnp.sum(dpre, axis=2), scatter_neighbours(dpre, ic), jnp.sum(y * dnc, axis=(0, 1, 2))
+
+    P, Q, dw = jax.lax.map(d_edges, (split(u), split(idx), split(coefs), split(d_nraw), split(d_att),
+                                     split(gmax), split(d_gmax)))
+    P, Q = P.reshape(B, N, F), Q.reshape(B, N, F)
+    du = alpha * (P - Q)
+    d_alpha = jnp.sum(u * (P - Q), axis=(0, 1))
+    d_beta = jnp.sum(P, axis=(0, 1))
+    d_idx = np.zeros(idx.shape, jax.dtypes.float0)
+    return (du, d_idx, d_s, d_alpha, d_beta, jnp.sum(dw, 0)[:, None], jnp.sum(d_nraw, axis=(0, 1, 2)),
+            d_g2, d_b2, jnp.zeros_like(count))
+
+
+_edge_passes.defvjp(_edge_passes_fwd, _edge_passes_bwd)
+
+
+def _edge_y(uc: Array, ic: Array, alpha: Array, beta: Array) -> Array:
+    return jax.nn.relu(alpha * (uc[:, :, None, :] - gather_neighbours(uc, ic)) + beta)

@@ -47,6 +47,13 @@ def gather_neighbours(x: Array, idx: Array) -> Array:
     return jnp.take(x.reshape(B * N, C), flat.reshape(-1), axis=0).reshape(idx.shape + (C,))
 
 
+def scatter_neighbours(d: Array, idx: Array) -> Array:
+    """The transpose of `gather_neighbours`: d [B,N,k,C] -> [B,N,C], summed into the points picked."""
+    B, N, _, C = d.shape
+    flat = idx + (jnp.arange(B, dtype=idx.dtype) * N)[:, None, None]
+    return jnp.zeros((B * N, C), d.dtype).at[flat.reshape(-1)].add(d.reshape(-1, C)).reshape(B, N, C)
+
+
 def adjacency(idx: Array, dtype=jnp.float32) -> Array:
     """A[b,i,j] = how often j is among i's neighbours: idx [B,N,k] -> [B,N,N].
 
