@@ -34,6 +34,15 @@ def test_bench_in_process(tmp_path, capsys):
     assert "jets/s" in capsys.readouterr().out
 
 
+def test_bench_of_one_section_prints_its_table(tmp_path, capsys):
+    """Sections are optional: the table and the FLOP line print what was measured, '-' for the rest."""
+    out = tmp_path / "t"
+    assert main(["bench", *TINY, "--sections", "train", "--no-scan", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "XLA train step" in text and "eval - M" in text
+    assert "eval" not in json.loads((out / "bench.json").read_text())
+
+
 def test_flops_of_the_original_model():
     from ucluster_jax.bench import model_flops_per_jet
     from ucluster_jax.config import ModelConfig

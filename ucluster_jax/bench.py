@@ -607,8 +607,8 @@ def plot(res: dict, path: Path) -> Path | None:
     return path
 
 
-def _fmt(v, spec=",.0f") -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec=",.0f", scale: float = 1.0) -> str:
+    return "-" if v is None else format(v / scale, spec)
 
 
 def print_table(res: dict, log) -> None:
@@ -624,7 +624,7 @@ def print_table(res: dict, log) -> None:
             e = ev.get(r["batch"], {})
             log(f"{r['batch']:>6} {_fmt(r['jets_per_s']):>13} {_fmt(r.get('scan_jets_per_s')):>12} "
                 f"{1e3 * r['step_s']:>9.1f} {r['spread']:>7.0%} {_fmt(e.get('jets_per_s')):>12} "
-                f"{_fmt(r.get('temp_bytes', 0) / 2**20, '.0f'):>8}")
+                f"{_fmt(r.get('temp_bytes'), '.0f', 2**20):>8}")
         for b, e in ev.items():
             if b not in {r["batch"] for r in res["train"]}:
                 log(f"{b:>6} {'':>13} {'':>12} {'':>9} {'':>7} {_fmt(e['jets_per_s']):>12}")
@@ -636,8 +636,8 @@ def print_table(res: dict, log) -> None:
     f = res.get("flops")
     if f:
         log(f"FLOPs/jet: model matmuls forward {f['model_forward_per_jet'] / 1e6:.1f} M (as written per edge "
-            f"{f['model_forward_per_edge_per_jet'] / 1e6:.1f} M); XLA train step {_fmt(f.get('xla_train_per_jet', 0) / 1e6, '.1f')} M, "
-            f"eval {_fmt(f.get('xla_eval_per_jet', 0) / 1e6, '.1f')} M")
+            f"{f['model_forward_per_edge_per_jet'] / 1e6:.1f} M); XLA train step {_fmt(f.get('xla_train_per_jet'), '.1f', 1e6)} M, "
+            f"eval {_fmt(f.get('xla_eval_per_jet'), '.1f', 1e6)} M")
         log(f"peak: {f['peak_gflops']:,.0f} GFLOP/s ({f['peak_source']}); measured matmul {f['matmul_gflops']:,.0f} GFLOP/s; "
             f"best train {f['train_jets_per_s']:,.0f} jets/s = {f['train_gflops']:,.1f} GFLOP/s = "
             f"{f['fraction_of_peak']:.1%} of peak (bound {f['bound_jets_per_s']:,.0f} jets/s)"

@@ -92,9 +92,10 @@ def _dbr_bwd(replica_sum, eps, res, cot):
     xhat = (zw - mw) * r
     dpre = jnp.where(_pre(zw, mw, r, scale, beta) > 0, dy, 0.0)
     s1, s2 = jnp.sum(dpre, axes), jnp.sum(dpre * xhat, axes)
-    # the moments are sums over every replica's batch: their cotangents are summed over replicas too
-    dz = (scale * r) * (dpre - red(s1) / count - xhat * (red(s2) / count)) \
-        + red(dmean) / count + (2.0 / count) * red(dvar) * (zw - mw)
+    # the moments are sums over every replica's batch: their cotangents are summed over replicas
+    # too, here in one reduction (autodiff makes two)
+    g1, g2, gm, gv = red(jnp.stack([s1, s2, dmean, dvar])) / count
+    dz = (scale * r) * (dpre - g1 - xhat * g2) + gm + 2.0 * gv * (zw - mw)
     dz2 = dz.reshape(-1, dz.shape[-1])
     dx = dz @ w.T
     dw = x.reshape(-1, x.shape[-1]).T @ dz2
