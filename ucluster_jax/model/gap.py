@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum, dense_bn_relu
+from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum, dense_bn_relu, sum_and_count
 from ucluster_jax.model.dense import Dense, glorot, matmul
 from ucluster_jax.model.knn import adjacency, gather_neighbours, scatter_neighbours
 
@@ -169,20 +169,21 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
     red = reduce or (lambda v: v)
     B, N, F = u.shape
     k = idx.shape[-1]
-    count = red(jnp.asarray(B * N * k, u.dtype))
     if stats is None:  # as BatchNorm: biased variance around the stop-gradient mean, replica sums
         # With A the adjacency and d_j the in-degree, sum_ij u_i - u_j = sum_i (k - d_i) u_i, and
         # sum_ij (a_i - v_j)^2 = sum_i k a_i^2 - 2 a_i (A v)_i + d_i v_i^2, for v = u less its
         # mean (fewer cancelling digits) and a_i = v_i + b_e - mean.
         adj = jax.lax.stop_gradient(adjacency(idx, u.dtype))
         deg = jnp.sum(adj, axis=1)[..., None]
-        m1 = red(jnp.sum((k - deg) * u, (0, 1))) / count + b_e
+        # the count: B N per point, k each (see `sum_and_count`)
+        count, m1 = sum_and_count(red, (k - deg) * u, (0, 1))
+        count, m1 = k * count, m1 / k + b_e
         v = u - jax.lax.stop_gradient(jnp.mean(u, (0, 1)))
         a = v + b_e - jax.lax.stop_gradient(m1)
         sq = k * jnp.square(a) - 2.0 * a * jnp.einsum("bij,bjf->bif", adj, v) + deg * jnp.square(v)
         v1 = red(jnp.sum(sq, (0, 1))) / count
     else:
-        m1, v1 = stats[0], stats[1]
+        count, m1, v1 = None, stats[0], stats[1]
     # y_ij = ReLU(alpha (u_i - u_j) + beta): the edge BatchNorm folded into one scale and shift
     alpha = g1 * jax.lax.rsqrt(v1 + eps)
     beta = b1 + (b_e - m1) * alpha

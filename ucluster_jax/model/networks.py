@@ -23,7 +23,10 @@ class UCluster(nn.Module):
     cfg: ModelConfig
     replica_sum: ReplicaSum | None = None
     edge_per_point: bool = True
-    edge_chunk: int = 8  # jets per chunk of the GAP layers' edge computations (0: unchunked); same function
+    # jets per chunk of the GAP layers' edge passes (same function whatever the size; 0: the plain
+    # layers). None: 8 on CPU (a chunk's edges stay in cache), the whole batch on accelerators,
+    # where 64 sequential small chunks would leave the device idle.
+    edge_chunk: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float = 0.0,
@@ -32,15 +35,18 @@ class UCluster(nn.Module):
         mask = (x[..., 2] != 0) if cfg.mask_padding else None
         kw = dict(bn_epsilon=cfg.bn_epsilon, replica_sum=self.replica_sum)
         call = dict(train=train, decay=decay, mask=mask)
+        chunk = self.edge_chunk
+        if chunk is None:
+            chunk = 8 if jax.default_backend() == "cpu" else x.shape[0]
 
         idx1 = knn_indices(eta_phi_distance(x, cfg.padding_penalty), cfg.k)
-        a1, g1 = GAPLayer(cfg.gap1_width, edge_per_point=self.edge_per_point, edge_chunk=self.edge_chunk,
+        a1, g1 = GAPLayer(cfg.gap1_width, edge_per_point=self.edge_per_point, edge_chunk=chunk,
                           name="gap1", **kw)(x, idx1, **call)
         net01 = ConvBN(cfg.conv1_widths[0], name="gapnet01", **kw)(jnp.concatenate([x, a1], -1), **call)
         net02 = ConvBN(cfg.conv1_widths[1], name="gapnet02", **kw)(net01, **call)
 
         idx2 = knn_indices(pairwise_sq_dist(net02), cfg.k)
-        a2, g2 = GAPLayer(cfg.gap2_width, edge_per_point=self.edge_per_point, edge_chunk=self.edge_chunk,
+        a2, g2 = GAPLayer(cfg.gap2_width, edge_per_point=self.edge_per_point, edge_chunk=chunk,
                           name="gap2", **kw)(net02, idx2, **call)
         net11 = ConvBN(cfg.conv2_widths[0], name="gapnet11", **kw)(jnp.concatenate([x, a2], -1), **call)
         net12 = ConvBN(cfg.conv2_widths[1], name="gapnet12", **kw)(net11, **call)
