@@ -22,6 +22,7 @@ def test_bench_in_process(tmp_path, capsys):
     assert (out / "bench.png").stat().st_size > 0
     t = res["train"][0]
     assert t["batch"] == 16 and _pos(t["jets_per_s"]) and _pos(t["scan_jets_per_s"]) and _pos(t["step_s"])
+    assert t["best_jets_per_s"] >= t["jets_per_s"]  # the best repeat, beside the median
     assert _pos(res["eval"][0]["jets_per_s"])
     assert _pos(res["data"]["read_jets_per_s"]) and _pos(res["data"]["to_device_jets_per_s"])
     assert _pos(res["e2e"]["jets_per_s"])
