@@ -42,11 +42,13 @@ from typing import Any, Callable
 # Stated peak fp32 throughput of the machines this project is measured on (GFLOP/s). The CPU figure is
 # the issue's (2 cores of the development machine); the H200 is NVIDIA's dense FP32 (non-tensor) figure.
 KNOWN_PEAK_GFLOPS = {"cpu": 157.0, "NVIDIA H200": 67_000.0}
-# Published / issue baselines (not re-measured here), jets/s at batch 512.
+# Baselines, jets/s at batch 512: the issue's and the published figures, and the original graph
+# timed side by side on the development CPU by scripts/tf1_speed.py (docs/BENCHMARKS.md).
 BASELINES = {
     "tf_2.21_cpu_default_train": 100.0, "tf_2.21_cpu_onednn_train": 170.0,
     "tf_2.21_cpu_default_eval": 350.0, "tf_2.21_cpu_onednn_eval": 690.0,
     "jax_straightforward_cpu_train": 150.0, "tf_t4_gpu_train_published": 1570.0,
+    "tf_2.21_cpu_onednn_train_side_by_side": 411.0, "tf_2.21_cpu_onednn_eval_side_by_side": 1319.0,
 }
 # (name, bus bandwidth GB/s, per-message latency us) for the scaling projection.
 NETWORKS = [("NVLink (H200, 8/node)", 300.0, 5.0), ("InfiniBand NDR 400G", 45.0, 5.0),
@@ -558,8 +560,9 @@ def plot(res: dict, path: Path) -> Path | None:
     if res.get("e2e"):
         ax.plot([res["e2e"]["batch"]], [res["e2e"]["jets_per_s"]], "k*", ms=12, label="ucluster train run_epoch")
     if res.get("platform", {}).get("platform") == "cpu":
-        for k, ls in (("tf_2.21_cpu_onednn_train", "-."), ("tf_2.21_cpu_onednn_eval", ":")):
-            ax.axhline(BASELINES[k], color="red", ls=ls, lw=0.8, label=f"{k} (given)")
+        for what, ls in (("train", "-."), ("eval", ":")):
+            ax.axhline(BASELINES[f"tf_2.21_cpu_onednn_{what}_side_by_side"], color="red", ls=ls, lw=0.8,
+                       label=f"TF 2.21 + oneDNN {what}, dev. CPU (tf1_speed.py)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch")
