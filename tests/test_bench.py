@@ -71,38 +71,3 @@ def test_bench_parallel_and_compare(tmp_path, monkeypatch):
     measured = [r for r in res["compare"] if not r.get("skipped")]
     assert {r["engine"] for r in measured} >= {"single", "local", "mpi", "jaxdist"}
     assert all(_pos(r["jets_per_s"]) for r in measured)
-
-
-def test_chunked_edge_layers_are_the_same_function():
-    """The speed path of the GAP layers (edges a few jets at a time, rematerialised) against the plain
-    layer, in float64 so rounding cannot hide a difference: outputs, new BN statistics, gradients."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from ucluster_jax.bench import synthetic_jets
-    from ucluster_jax.config import Config, ModelConfig
-    from ucluster_jax.losses import combined_loss
-    from ucluster_jax.model.networks import UCluster, init_variables
-
-    cfg = ModelConfig(num_points=30, k=5)
-    with jax.enable_x64(True):
-        d = synthetic_jets(6, 30, seed=1)
-        x, tgt = jnp.asarray(d["x"], jnp.float64), jnp.asarray(d["target"])
-        v = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) + 0.1, init_variables(cfg, 2))
-
-        def run(chunk):
-            m = UCluster(cfg, edge_chunk=chunk)
-
-            def loss(p):
-                out, new = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, decay=0.7,
-                                   mutable=["batch_stats"])
-                return combined_loss(out, tgt, alpha=4.0, cluster_weight=1.0, gamma=4.0, focal_alpha=10.0)[0], new
-
-            (val, new), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
-            return val, new, g, m.apply(v, x, train=False)
-
-        a, b = run(0), run(4)  # batch 6: chunks of 3
-        for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-            np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
-    assert Config().model == ModelConfig()  # the speed path is no config option: nothing to change in runs

@@ -162,10 +162,11 @@ def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
 
 
 def test_model_training_gradients_equal_autodiff_over_replicas():
-    """The whole model with its hand-written passes (chunked edges) against the plain layers, two
-    replicas with global-batch BatchNorm (vmap's psum), float64: losses, moving moments, gradients."""
+    """The speed path of the GAP layers (edges a few jets at a time, hand-written backward) against
+    the plain layers, two replicas with global-batch BatchNorm (vmap's psum), in float64 so rounding
+    cannot hide a difference: losses, moving moments, gradients, and the inference outputs."""
     from ucluster_jax.bench import synthetic_jets
-    from ucluster_jax.config import ModelConfig
+    from ucluster_jax.config import Config, ModelConfig
     from ucluster_jax.losses import combined_loss
 
     cfg = ModelConfig(num_points=30, k=5)
@@ -188,10 +189,15 @@ def test_model_training_gradients_equal_autodiff_over_replicas():
 
         # Training averages the gradients over replicas: a parameter that acts only through the
         # global moments (the edge Dense bias, which BatchNorm cancels) may split its zero differently.
-        (a, grads_a), (b, grads_b) = run(0), run(2)
+        (a, grads_a), (b, grads_b) = run(0), run(3)  # 4 jets per replica: chunks of 2
         sums = [jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), g) for g in (grads_a, grads_b)]
         for p, q in zip(jax.tree_util.tree_leaves((a, sums[0])), jax.tree_util.tree_leaves((b, sums[1]))):
             np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
+        flat = x.reshape(8, 30, -1)
+        infer = [UCluster(cfg, edge_chunk=c).apply(v, flat, train=False) for c in (0, 3)]
+        for p, q in zip(jax.tree_util.tree_leaves(infer[0]), jax.tree_util.tree_leaves(infer[1])):
+            np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
+    assert Config().model == ModelConfig()  # the speed path is no config option: nothing to change in runs
 
 
 def test_cli_processes_start_with_the_speed_settings():

@@ -66,7 +66,7 @@ def hls4ml_particle_features(const16: np.ndarray, names: Sequence[str | bytes]) 
     if const16.ndim != 3 or const16.shape[-1] != len(names):
         raise ValueError(f"constituents of shape {const16.shape} do not match {len(names)} feature names")
     out = np.empty(const16.shape[:2] + (len(_SOURCES),), np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # overflow -> inf -> 0 below
         for k, (src, log) in enumerate(_SOURCES):
             col = const16[..., index[src]].astype(np.float32, copy=False)
             out[..., k] = _safe_log(col) if log else col
