@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ucluster_jax.model.dense import matmul_grads
+
 Array = jax.Array
 ReplicaSum = Callable[[Array], Array]
 
@@ -40,14 +42,11 @@ class BatchNorm(nn.Module):
         if not train:
             mean, var = ra_mean.value, ra_var.value
         else:
-            # As tf.nn.moments: biased variance around a stop-gradient mean.
-            axes = tuple(range(x.ndim - 1))
             reduce = self.replica_sum or (lambda v: v)
             if mask is None:
-                count = reduce(jnp.asarray(x.size // c, x.dtype))
-                mean = reduce(jnp.sum(x, axes)) / count
-                var = reduce(jnp.sum(jnp.square(x - jax.lax.stop_gradient(mean)), axes)) / count
+                _, mean, var = moments(reduce, x)
             else:
+                axes = tuple(range(x.ndim - 1))
                 w = jnp.broadcast_to(mask.astype(x.dtype)[..., None], x.shape[:-1] + (1,))
                 count = reduce(jnp.sum(w))
                 mean = reduce(jnp.sum(x * w, axes)) / count
@@ -56,6 +55,14 @@ class BatchNorm(nn.Module):
                 ra_mean.value = decay * ra_mean.value + (1.0 - decay) * jax.lax.stop_gradient(mean)
                 ra_var.value = decay * ra_var.value + (1.0 - decay) * jax.lax.stop_gradient(var)
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def moments(red: Callable[[Array], Array], x: Array) -> tuple[Array, Array, Array]:
+    """(count, mean, variance) per channel over every axis but the last and every replica, as
+    tf.nn.moments: the biased variance around a stop-gradient mean."""
+    axes = tuple(range(x.ndim - 1))
+    count, mean = sum_and_count(red, x, axes)
+    return count, mean, red(jnp.sum(jnp.square(x - jax.lax.stop_gradient(mean)), axes)) / count
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -75,9 +82,7 @@ def dense_bn_relu(replica_sum: ReplicaSum | None, eps: float, x: Array, w: Array
 def _dbr_fwd(replica_sum, eps, x, w, bias, scale, beta):
     red = replica_sum or (lambda v: v)
     zw = x @ w
-    axes = tuple(range(zw.ndim - 1))
-    count, mw = sum_and_count(red, zw, axes)
-    var = red(jnp.sum(jnp.square(zw - mw), axes)) / count
+    count, mw, var = moments(red, zw)
     r = jax.lax.rsqrt(var + eps)
     y = jax.nn.relu(_pre(zw, mw, r, scale, beta))
     return (y, mw + bias, var), (x, w, zw, mw, r, scale, beta, count)
@@ -95,10 +100,8 @@ def _dbr_bwd(replica_sum, eps, res, cot):
     # too, here in one reduction (autodiff makes two)
     g1, g2, gm, gv = red(jnp.stack([s1, s2, dmean, dvar])) / count
     dz = (scale * r) * (dpre - g1 - xhat * g2) + gm + 2.0 * gv * (zw - mw)
-    dz2 = dz.reshape(-1, dz.shape[-1])
-    dx = dz @ w.T
-    dw = x.reshape(-1, x.shape[-1]).T @ dz2
-    return dx, dw, jnp.sum(dz2, 0), s2, s1
+    dx, dw = matmul_grads(x, w, dz)
+    return dx, dw, jnp.sum(dz, axes), s2, s1
 
 
 dense_bn_relu.defvjp(_dbr_fwd, _dbr_bwd)

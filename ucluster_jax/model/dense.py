@@ -24,13 +24,12 @@ def _matmul_fwd(x, w):
     return x @ w, (x, w)
 
 
-def _matmul_bwd(res, g):
-    x, w = res
-    dw = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
-    return g @ w.T, dw
+def matmul_grads(x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+    """(dx, dw) of x @ w for the incoming gradient g, as two plain matmuls on the flattened points."""
+    return g @ w.T, x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+matmul.defvjp(_matmul_fwd, lambda res, g: matmul_grads(*res, g))
 
 
 class Dense(nn.Module):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum, dense_bn_relu, sum_and_count
+from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum, dense_bn_relu, moments, sum_and_count
 from ucluster_jax.model.dense import Dense, glorot, matmul
 from ucluster_jax.model.knn import adjacency, gather_neighbours, scatter_neighbours
 
@@ -183,14 +183,14 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
         sq = k * jnp.square(a) - 2.0 * a * jnp.einsum("bij,bjf->bif", adj, v) + deg * jnp.square(v)
         v1 = red(jnp.sum(sq, (0, 1))) / count
     else:
-        count, m1, v1 = None, stats[0], stats[1]
+        m1, v1 = stats[0], stats[1]
     # y_ij = ReLU(alpha (u_i - u_j) + beta): the edge BatchNorm folded into one scale and shift
     alpha = g1 * jax.lax.rsqrt(v1 + eps)
     beta = b1 + (b_e - m1) * alpha
 
     c = _chunk_size(B, chunk)
     if stats is None:
-        att, gmax, (m2, v2) = _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count)
+        att, gmax, (m2, v2) = _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)
     else:
         m2, v2 = stats[2], stats[3]
         head = partial(_head, lambda nraw: (m2, v2), eps)
@@ -198,9 +198,8 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
     return jax.nn.relu(att + b_a), gmax, (m1, v1, m2, v2)
 
 
-def _batch_moments(red: ReplicaSum, count: Array, nraw: Array) -> tuple[Array, Array]:
-    m = red(jnp.sum(nraw)) / count
-    return m, red(jnp.sum(jnp.square(nraw - jax.lax.stop_gradient(m)))) / count
+def _batch_moments(red: ReplicaSum, nraw: Array) -> tuple[Array, Array]:
+    return moments(red, nraw)[1:]
 
 
 def _head(moments, eps: float, nraw: Array, s: Array, g2: Array, b2: Array):
@@ -211,7 +210,7 @@ def _head(moments, eps: float, nraw: Array, s: Array, g2: Array, b2: Array):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count):
+def _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
     """(sum_j c_ij y_ij, max_j y_ij, head's moments) for y_ij = ReLU(alpha (u_i - u_j) + beta).
 
     Two passes over the edges, `c` jets at a time: neighbour scores and maxima, then (the scores'
@@ -219,19 +218,16 @@ def _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count):
     autodiff's needs four passes and two scatters; this one needs two passes and one scatter,
     with the per-edge sums turned into per-point ones (d alpha = sum_i u_i (P - Q)_i below).
     """
-    return _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count)[0]
+    return _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)[0]
 
 
-def _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2, count):
-    head = partial(_head, partial(_batch_moments, red, count), eps)
-    out, res = _forward(head, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)
-    return out, res + (count,)
+def _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
+    return _forward(partial(_head, partial(_batch_moments, red), eps), c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)
 
 
 def _forward(head, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
     B, N, F = u.shape
-    nc = B // c
-    split = lambda a: a.reshape((nc, c) + a.shape[1:])  # noqa: E731
+    split = partial(_chunks, c)
 
     def scores_and_max(args):
         uc, ic = args
@@ -251,12 +247,11 @@ def _forward(head, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
 
 
 def _edge_passes_bwd(red, eps, c, res, cot):
-    u, idx, s, alpha, beta, w_n, b_n, g2, b2, nraw, gmax, coefs, count = res
-    head = partial(_head, partial(_batch_moments, red, count), eps)
+    u, idx, s, alpha, beta, w_n, b_n, g2, b2, nraw, gmax, coefs = res
+    head = partial(_head, partial(_batch_moments, red), eps)
     d_att, d_gmax, d_moments = cot
     B, N, F = u.shape
-    nc = B // c
-    split = lambda a: a.reshape((nc, c) + a.shape[1:])  # noqa: E731
+    split = partial(_chunks, c)
 
     def d_coefs(args):  # d/dc_ij of sum_j c_ij y_ij
         uc, ic, dac = args
@@ -268,7 +263,7 @@ def _edge_passes_bwd(red, eps, c, res, cot):
 
     def d_edges(args):  # per chunk: P = sum_j dpre_ij, Q_j = sum over edges into j of dpre, d w_n
         uc, ic, cc, dnc, dac, gmc, dgc = args
-        pre = alpha * (uc[:, :, None, :] - gather_neighbours(uc, ic)) + beta
+        pre = _edge_pre(uc, ic, alpha, beta)
         y = jax.nn.relu(pre)
         at_max = (y == gmc[:, :, None, :]).astype(y.dtype)  # ties share the gradient, as jnp.max's
         dy = cc * dac[:, :, None, :] + dnc * w_n[:, 0] + at_max * (dgc / jnp.sum(at_max, axis=2))[:, :, None, :]
@@ -283,11 +278,20 @@ def _edge_passes_bwd(red, eps, c, res, cot):
     d_beta = jnp.sum(P, axis=(0, 1))
     d_idx = np.zeros(idx.shape, jax.dtypes.float0)
     return (du, d_idx, d_s, d_alpha, d_beta, jnp.sum(dw, 0)[:, None], jnp.sum(d_nraw, axis=(0, 1, 2)),
-            d_g2, d_b2, jnp.zeros_like(count))
+            d_g2, d_b2)
 
 
 _edge_passes.defvjp(_edge_passes_fwd, _edge_passes_bwd)
 
 
+def _chunks(c: int, a: Array) -> Array:
+    """[B, ...] -> [B/c, c, ...]: the leading axis `lax.map` runs over."""
+    return a.reshape((a.shape[0] // c, c) + a.shape[1:])
+
+
+def _edge_pre(uc: Array, ic: Array, alpha: Array, beta: Array) -> Array:
+    return alpha * (uc[:, :, None, :] - gather_neighbours(uc, ic)) + beta
+
+
 def _edge_y(uc: Array, ic: Array, alpha: Array, beta: Array) -> Array:
-    return jax.nn.relu(alpha * (uc[:, :, None, :] - gather_neighbours(uc, ic)) + beta)
+    return jax.nn.relu(_edge_pre(uc, ic, alpha, beta))

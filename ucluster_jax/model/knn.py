@@ -43,15 +43,19 @@ def gather_neighbours(x: Array, idx: Array) -> Array:
     batched per-jet gather `vmap(x_b[idx_b])` is about 4x slower there). Same values.
     """
     B, N, C = x.shape
-    flat = idx + (jnp.arange(B, dtype=idx.dtype) * N)[:, None, None]
-    return jnp.take(x.reshape(B * N, C), flat.reshape(-1), axis=0).reshape(idx.shape + (C,))
+    return jnp.take(x.reshape(B * N, C), _flat_rows(idx), axis=0).reshape(idx.shape + (C,))
 
 
 def scatter_neighbours(d: Array, idx: Array) -> Array:
     """The transpose of `gather_neighbours`: d [B,N,k,C] -> [B,N,C], summed into the points picked."""
     B, N, _, C = d.shape
-    flat = idx + (jnp.arange(B, dtype=idx.dtype) * N)[:, None, None]
-    return jnp.zeros((B * N, C), d.dtype).at[flat.reshape(-1)].add(d.reshape(-1, C)).reshape(B, N, C)
+    return jnp.zeros((B * N, C), d.dtype).at[_flat_rows(idx)].add(d.reshape(-1, C)).reshape(B, N, C)
+
+
+def _flat_rows(idx: Array) -> Array:
+    """Neighbour indices [B,N,k] as rows of the flattened [B*N, C] points."""
+    B, N, _ = idx.shape
+    return (idx + (jnp.arange(B, dtype=idx.dtype) * N)[:, None, None]).reshape(-1)
 
 
 def adjacency(idx: Array, dtype=jnp.float32) -> Array:
@@ -59,7 +63,8 @@ def adjacency(idx: Array, dtype=jnp.float32) -> Array:
 
     Sums over edges become matrix products with it (sum_k x_j = A x, and its transpose A^T),
     which run near the machine's peak, where a gather's transpose is a slow scatter. Built by a
-    scatter of ones into the flattened matrix (10x faster on CPU than a compare-and-reduce).
+    scatter of ones into the flattened matrix (a fused compare-and-reduce was slower on CPU:
+    docs/BENCHMARKS.md).
     """
     B, N, _ = idx.shape
     flat = idx + (jnp.arange(B * N, dtype=idx.dtype) * N).reshape(B, N, 1)
