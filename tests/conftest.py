@@ -49,5 +49,6 @@ def single_run(toy_small, tmp_path_factory) -> Path:
     from ucluster_jax.train.loop import train
 
     out = tmp_path_factory.mktemp("single") / "run"
-    train(load_config(REPO / "configs" / "demo.yaml", TINY), toy_small[0], out, test_data=toy_small[1])
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY + ["train.eval_every_samples=256"])  # scoring reads only
+    train(cfg, toy_small[0], out, test_data=toy_small[1])
     return out

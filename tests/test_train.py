@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from conftest import BIN, REPO, TINY
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
+from ucluster_jax.original_log import read_log
 from ucluster_jax.train.loop import phase, train
 from ucluster_jax.train.state import create_state, learning_rate
 
@@ -19,11 +20,19 @@ def final_params(run):
     return np.asarray(ravel_pytree(jax.device_get(state.params))[0]), meta
 
 
-def test_schedules_follow_the_original():
+def test_schedules_follow_the_81_percent_run():
+    """configs/wztop.yaml is the run behind log_dkm.txt (SPEC section 3), read back off the config."""
     cfg = load_config("configs/wztop.yaml")
-    assert phase(cfg, 10) == (0.0, 0.0)
-    assert phase(cfg, 11) == (4.0, 1.0)
-    assert phase(cfg, 199) == (380.0, 1.0)
+    assert [phase(cfg, e) for e in (0, 20)] == [(0.0, 0.0)] * 2  # focal only through epoch 20
+    assert phase(cfg, 21) == (10.0, 10.0)  # alpha 5 (epoch - 19), cluster weight 10
+    assert phase(cfg, 33) == (70.0, 10.0)
+    assert phase(cfg, 199) == (900.0, 10.0)
+    assert (cfg.loss.focal_gamma, cfg.loss.focal_alpha) == (2.0, 1.0)
+    assert load_config(None) == cfg  # the defaults are that run
+    committed = load_config("configs/wztop_committed.yaml")
+    assert phase(committed, 10) == (0.0, 0.0) and phase(committed, 11) == (4.0, 1.0)
+    assert (committed.loss.focal_gamma, committed.loss.focal_alpha) == (4.0, 10.0)
+    assert committed.model == cfg.model and committed.train.batch_size == 512
     t = cfg.train
     assert float(learning_rate(0, t)) == pytest.approx(1e-3)
     assert float(learning_rate(600_000, t)) == pytest.approx(5e-4)
@@ -49,6 +58,27 @@ def test_train_is_reproducible_and_resume_is_exact(toy_small, single_run, tmp_pa
     c, meta_c = final_params(tmp_path / "c")
     assert np.array_equal(a, b)
     assert np.array_equal(a, c) and meta_a["step"] == meta_c["step"]
+
+
+def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
+    """TINY: 12 steps of 64 per epoch, 2 focal-only epochs; every 256 samples is every 4th step."""
+    rows = [json.loads(line) for line in (single_run / "curve.jsonl").read_text().splitlines()]
+    assert [r["joint_samples"] for r in rows] == [256, 512, 768]
+    assert [r["step"] for r in rows] == [28, 32, 36] and {r["epoch"] for r in rows} == {2}
+    last = json.loads((single_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows[-1]["test_acc"] == last["test_acc"] and rows[-1]["test_kmeans"] == last["test_kmeans"]
+    assert all(0 < r["test_acc"] <= 1 and r["test_kmeans"] > 0 for r in rows)
+
+
+def test_original_log_on_the_joint_sample_axis():
+    """shared/original_ucluster_ckpt/log_dkm.txt: the 81 % run's accuracy per epoch (SPEC section 3)."""
+    recs = read_log(REPO.parent / "shared" / "original_ucluster_ckpt" / "log_dkm.txt")
+    assert [r["epoch"] for r in recs] == list(range(200))
+    by = {r["epoch"]: r for r in recs}
+    assert by[20]["joint_samples"] is None and by[20]["lr"] == pytest.approx(1e-5)
+    assert by[21]["joint_samples"] == 302_592 and by[21]["test_acc"] == pytest.approx(0.525191)
+    assert by[33]["joint_samples"] == 13 * 302_592 and by[33]["test_acc"] > 0.75
+    assert max(recs[21:], key=lambda r: r["test_acc"])["epoch"] == 66
 
 
 def run_cli(*args, timeout=600):

@@ -83,6 +83,11 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
             recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
             if recs:
                 plots.training_curves(recs, out / "training.png")
+        curve_file = Path(run_dir) / "curve.jsonl"
+        if curve_file.exists():
+            rows = [json.loads(line) for line in curve_file.read_text().splitlines() if line.strip()]
+            if rows:
+                plots.accuracy_vs_samples({Path(run_dir).name: rows}, out / "accuracy_vs_samples.png")
     checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 

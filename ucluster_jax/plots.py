@@ -77,3 +77,25 @@ def training_curves(records: list[dict], path: Path) -> Path:
         ax.legend()
     axes[1].set_ylabel("matched accuracy")
     return _save(fig, path)
+
+
+def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[dict] | None = None) -> Path:
+    """Global test accuracy and test k-means loss against joint-phase samples (RUN/curve.jsonl rows),
+    with the original run's logged test accuracy (per-batch matched) on the same axis."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, rows in runs.items():
+        x = [max(r["joint_samples"], 1) for r in rows]
+        axes[0].plot(x, [r["test_acc"] for r in rows], marker=".", label=name)
+        axes[1].plot(x, [r["test_kmeans"] for r in rows], marker=".", label=name)
+    if original:
+        pts = [(r["joint_samples"], r["test_acc"]) for r in original if r.get("joint_samples") and "test_acc" in r]
+        axes[0].plot(*zip(*pts), color="k", lw=1, label="original, hls4ml (log_dkm.txt, per-batch)")
+    axes[0].set_ylabel("test accuracy (global, matched)")
+    axes[1].set_ylabel("test k-means loss")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("joint-phase training samples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -92,12 +92,21 @@ class Logger:
     def epoch(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._append(self.path, rec)
         acc = "" if rec.get("train_acc") is None else f" acc {rec['train_acc']:.4f} (per-batch {rec['train_acc_per_batch']:.4f})"
         test = "" if rec.get("test_acc") is None else f" test acc {rec['test_acc']:.4f}"
         print(f"epoch {rec['epoch']:3d} loss {rec['loss']:.5f} (focal {rec['focal']:.5f} kmeans {rec['kmeans']:.5f})"
               f"{acc}{test} lr {rec['lr']:.2e} alpha {rec['alpha']:g} {rec['jets_per_s']:,.0f} jets/s", flush=True)
+
+    def point(self, rec: dict[str, Any]) -> None:
+        """One point of the test curve against joint-phase samples (RUN/curve.jsonl)."""
+        if self.enabled:
+            self._append(self.path.with_name("curve.jsonl"), rec)
+
+    @staticmethod
+    def _append(path: Path, rec: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, resume: bool = False,
@@ -121,6 +130,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     state = rt.put_state(host)
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
     step_fn = rt.make_step(cfg)
+    steps = ds.steps_per_epoch(local_batch)
     log = Logger(out, rt.is_root)
     rec: dict[str, Any] = {}
 
@@ -132,10 +142,14 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             if rt.is_root:
                 print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}", flush=True)
         alpha, weight = phase(cfg, epoch)
-        lr = float(learning_rate(host.samples_seen, t, rt.replicas))  # at the epoch's first step
+        lr = float(learning_rate(host.samples_seen, t, rt.replicas, joint=weight > 0))  # at the epoch's first step
         state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight)))
 
-        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, local_batch)
+        score = None
+        if test_ds is not None and epoch >= t.pretrain_epochs:
+            score = functools.partial(score_point, rt, cfg, test_ds, log, epoch=epoch, alpha=alpha,
+                                      joint_start=t.pretrain_epochs * steps * t.batch_size)
+        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, local_batch, score=score)
         host = rt.host_state(state)
         if int(host.nonfinite_steps) > 0:
             msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
@@ -145,8 +159,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                 raise UserError(f"{msg}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
             rec["nonfinite_skipped"] = int(host.nonfinite_steps)
         rt.check_replicas(state, f"epoch {epoch}")
-        if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
-            rec.update(evaluate_split(rt, cfg, host, test_ds, local_batch, prefix="test"))
+        if score is not None:  # clusters exist once the centroids do
+            rec.update(score(host))
         rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
         if rt.is_root:
             checkpoint.save(out, host, step=int(host.step), keep=t.keep_checkpoints,
@@ -156,8 +170,11 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     return rec
 
 
-def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, local_batch: int):
+def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, local_batch: int,
+              score=None):
+    """One epoch of steps; `score(host_state)` also runs every train.eval_every_samples (joint phase)."""
     steps = ds.steps_per_epoch(local_batch, epoch)
+    every = max(1, cfg.train.eval_every_samples // cfg.train.batch_size) if cfg.train.eval_every_samples else 0
     if steps == 0:
         raise DataError(f"{ds.path}: fewer jets per rank than the batch ({local_batch}); nothing to train on")
     bar = Progress(steps * local_batch * rt.world, "jets", f"epoch {epoch}", enabled=rt.is_root)
@@ -172,6 +189,8 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         per_batch.append(m.pop("contingency"))
         sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
         n += 1
+        if score is not None and every and n % every == 0 and n < steps:
+            score(rt.host_state(state))
         if rt.replicas > 1 and cfg.train.checksum_every and n % cfg.train.checksum_every == 0:
             rt.check_replicas(state, f"epoch {epoch} step {n}")
         if bar.due():
@@ -192,11 +211,31 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
     return state, rec
 
 
-def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, batch: int, prefix: str) -> dict:
-    o = embed(rt, cfg, host, ds, train_mode_bn=False, batch=batch)
-    cont = rt.sum(contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), cfg.model.num_clusters, 3)
-                  if len(o["z"]) else np.zeros((cfg.model.num_clusters, 3), np.int64))
-    return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None}
+def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, *, alpha: float,
+                   prefix: str) -> dict:
+    """Globally matched accuracy and the Deep k-Means loss (at `alpha`) of a labelled split, all ranks."""
+    o = embed(rt, cfg, host, ds, train_mode_bn=False, batch=cfg.train.eval_batch_size)
+    k = cfg.model.num_clusters
+    if len(o["z"]):
+        cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, 3)
+        d = o["dist"].astype(np.float64)
+        w = np.exp(-alpha * (d - d.min(-1, keepdims=True)))
+        km = np.array([np.sum(np.sum(w / w.sum(-1, keepdims=True) * d, -1)), len(d)])
+    else:
+        cont, km = np.zeros((k, 3), np.int64), np.zeros(2)
+    cont, km = rt.sum(cont), rt.sum(km)
+    return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None,
+            f"{prefix}_kmeans": float(km[0] / km[1]) if km[1] else None}
+
+
+def score_point(rt: Runtime, cfg: Config, ds: ParquetDataset, log: Logger, host: TrainState, *, epoch: int,
+                alpha: float, joint_start: int) -> dict:
+    """Score the test split now and add the point to the accuracy-vs-joint-samples curve."""
+    rec = evaluate_split(rt, cfg, host, ds, alpha=alpha, prefix="test")
+    seen = int(host.samples_seen)
+    log.point({"epoch": epoch, "step": int(host.step), "samples_seen": seen, "joint_samples": seen - joint_start,
+               **rec})
+    return rec
 
 
 def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int]:

@@ -67,8 +67,9 @@ def create_state(cfg: Config) -> TrainState:
         nonfinite_steps=i32(0), first_nonfinite_step=i32(-1))
 
 
-def learning_rate(samples_seen: Array, t: TrainConfig, world: int = 1) -> Array:
-    """lr0 * rate^floor(samples / decay_samples), floored at lr_min (the original's staircase).
+def learning_rate(samples_seen: Array, t: TrainConfig, world: int = 1, joint: Array | bool = False) -> Array:
+    """lr0 * rate^floor(samples / decay_samples), floored at lr_min (the original's staircase); in the
+    joint phase (`joint`) the constant `joint_learning_rate` instead, where one is set.
 
     With lr_scaling="linear", lr0 is multiplied by the world size, reached by a linear warm-up.
     """
@@ -76,6 +77,8 @@ def learning_rate(samples_seen: Array, t: TrainConfig, world: int = 1) -> Array:
     if t.lr_scaling == "linear" and world > 1:
         base = base * world
     lr = jnp.maximum(base * t.lr_decay_rate ** jnp.floor(samples_seen / t.lr_decay_samples), t.lr_min)
+    if t.joint_learning_rate > 0:
+        lr = jnp.where(joint, t.joint_learning_rate * base / t.learning_rate, lr)
     if t.lr_scaling == "linear" and t.lr_warmup_samples > 0:
         lr = lr * jnp.minimum(1.0, (samples_seen + t.batch_size) / t.lr_warmup_samples)
     return lr
