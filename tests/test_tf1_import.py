@@ -80,7 +80,7 @@ def test_shipped_checkpoint_maps_completely(tensors, imported, cfg, ref):
     assert rep.step == int(ref["step"]) == 118_200
     assert int(state.step) == int(state.opt_state.count) == 118_200
     assert int(state.samples_seen) == 118_200 * 512
-    assert rep.epoch == 199 and float(state.alpha) == 380.0 and float(state.cluster_weight) == 1.0
+    assert rep.epoch == 199 and float(state.alpha) == 900.0 and float(state.cluster_weight) == 10.0  # the 81 % run
     assert int(state.nonfinite_steps) == 0 and int(state.first_nonfinite_step) == -1
     powers = [n for n in rep.notes if n.startswith("beta")]
     assert len(powers) == 2 and all(n.endswith(": consistent") for n in powers), powers
@@ -237,7 +237,7 @@ def test_train_resume_accepts_the_import(imported, cfg, tmp_path):
 
     import_tf1(CKPT, cfg, tmp_path / "run", epoch=150)
     resumed, start = resume_state(setup("single"), cfg, tmp_path / "run", jax.device_get(imported[0]))
-    assert start == 151 and int(resumed.step) == 118_200 and float(resumed.alpha) == 2 * (150 - 11 + 2)
+    assert start == 151 and int(resumed.step) == 118_200 and float(resumed.alpha) == 5 * (150 - 21 + 2)
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):

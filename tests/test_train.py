@@ -11,8 +11,8 @@ from conftest import BIN, REPO, TINY
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
 from ucluster_jax.original_log import read_log
-from ucluster_jax.train.loop import phase, train
-from ucluster_jax.train.state import create_state, learning_rate
+from ucluster_jax.train.loop import train
+from ucluster_jax.train.state import create_state, learning_rate, phase
 
 
 def final_params(run):
@@ -23,16 +23,19 @@ def final_params(run):
 def test_schedules_follow_the_81_percent_run():
     """configs/wztop.yaml is the run behind log_dkm.txt (SPEC section 3), read back off the config."""
     cfg = load_config("configs/wztop.yaml")
-    assert [phase(cfg, e) for e in (0, 20)] == [(0.0, 0.0)] * 2  # focal only through epoch 20
-    assert phase(cfg, 21) == (10.0, 10.0)  # alpha 5 (epoch - 19), cluster weight 10
-    assert phase(cfg, 33) == (70.0, 10.0)
-    assert phase(cfg, 199) == (900.0, 10.0)
+    assert [phase(cfg, e) for e in (0, 20)] == [(0.0, 0.0, 0.0)] * 2  # focal only through epoch 20
+    assert phase(cfg, 21) == (10.0, 10.0, 0.0)  # alpha 5 (epoch - 19), cluster weight 10, lr schedule
+    assert phase(cfg, 33) == (70.0, 10.0, 0.0)
+    assert phase(cfg, 199) == (900.0, 10.0, 0.0)
     assert (cfg.loss.focal_gamma, cfg.loss.focal_alpha) == (2.0, 1.0)
     assert load_config(None) == cfg  # the defaults are that run
     committed = load_config("configs/wztop_committed.yaml")
-    assert phase(committed, 10) == (0.0, 0.0) and phase(committed, 11) == (4.0, 1.0)
+    assert phase(committed, 10) == (0.0, 0.0, 0.0) and phase(committed, 11) == (4.0, 1.0, 0.0)
     assert (committed.loss.focal_gamma, committed.loss.focal_alpha) == (4.0, 10.0)
     assert committed.model == cfg.model and committed.train.batch_size == 512
+    fast = load_config("configs/wztop.yaml", ["train.joint_learning_rate=1e-4", "train.joint_lr_decay=0.5"])
+    assert [phase(fast, e)[2] for e in (20, 21, 22, 24, 25)] == pytest.approx([0, 1e-4, 5e-5, 1.25e-5, 1e-5])  # floor
+    assert float(learning_rate(60_000_000, fast.train, joint_lr=5e-5)) == pytest.approx(5e-5)
     t = cfg.train
     assert float(learning_rate(0, t)) == pytest.approx(1e-3)
     assert float(learning_rate(600_000, t)) == pytest.approx(5e-4)

@@ -67,7 +67,8 @@ class TrainConfig:
     lr_decay_samples: int = 500_000
     lr_decay_rate: float = 0.5
     lr_min: float = 1e-5
-    joint_learning_rate: float = 0.0  # > 0: constant lr of the joint phase (0: the schedule goes on, as the original)
+    joint_learning_rate: float = 0.0  # > 0: lr of the first joint epoch (0: the schedule goes on, as the original)
+    joint_lr_decay: float = 1.0  # joint_learning_rate x this per joint epoch, floored at lr_min
     lr_scaling: str = "global"  # "global" (same schedule as one process) or "linear" (x world, warm-up)
     lr_warmup_samples: int = 0  # used with lr_scaling="linear"
     bn_decay_init: float = 0.5
@@ -208,6 +209,7 @@ def validate(cfg: Config) -> None:
         (0 <= t.pretrain_epochs, "train.pretrain_epochs must be >= 0"),
         (0 <= t.eval_every_samples, "train.eval_every_samples must be >= 0"),
         (0 <= t.joint_learning_rate, "train.joint_learning_rate must be >= 0"),
+        (0 < t.joint_lr_decay <= 1, "train.joint_lr_decay must be in (0, 1]"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -211,7 +211,7 @@ def convert(tensors: dict[str, np.ndarray], cfg: Config, *, epoch: int | None = 
     import jax
     import jax.numpy as jnp
 
-    from ucluster_jax.train.loop import phase
+    from ucluster_jax.train.state import phase
     from ucluster_jax.train.state import AdamState, TrainState, create_state
 
     ours = _leaves(jax.eval_shape(lambda: create_state(cfg)))  # shapes and dtypes only: no init cost
@@ -284,7 +284,7 @@ def convert(tensors: dict[str, np.ndarray], cfg: Config, *, epoch: int | None = 
         merged.update(filled)
     else:
         merged = filled
-    alpha, weight = phase(cfg, epoch)
+    alpha, weight, joint_lr = phase(cfg, epoch)
     mu = merged["params/mu"]
     if epoch >= cfg.train.pretrain_epochs and not np.any(mu):
         rep.notes.append(f"epoch {epoch} is a joint-phase epoch but the centroids are all zero")
@@ -296,7 +296,7 @@ def convert(tensors: dict[str, np.ndarray], cfg: Config, *, epoch: int | None = 
         batch_stats=_tree(merged, "batch_stats"),
         opt_state=AdamState(i32(merged["opt_state/count"]), _tree(merged, "opt_state/mu"),
                             _tree(merged, "opt_state/nu")),
-        alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight),
+        alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight), joint_lr=jnp.float32(joint_lr),
         nonfinite_steps=i32(0), first_nonfinite_step=i32(-1),
     )
     return state, rep

@@ -26,16 +26,8 @@ from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_acc
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.train.kmeans import kmeans
-from ucluster_jax.train.state import TrainState, create_state, learning_rate
+from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase
 from ucluster_jax.train.step import make_eval_fn
-
-
-def phase(cfg: Config, epoch: int) -> tuple[float, float]:
-    """(alpha, cluster_weight) for an epoch: 0 weight while pre-training, then beta with alpha growing."""
-    t, lc = cfg.train, cfg.loss
-    if epoch < t.pretrain_epochs:
-        return 0.0, 0.0
-    return lc.alpha_scale * (epoch - t.pretrain_epochs + 2), lc.beta
 
 
 def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
@@ -141,9 +133,10 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
             if rt.is_root:
                 print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}", flush=True)
-        alpha, weight = phase(cfg, epoch)
-        lr = float(learning_rate(host.samples_seen, t, rt.replicas, joint=weight > 0))  # at the epoch's first step
-        state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight)))
+        alpha, weight, joint_lr = phase(cfg, epoch)
+        lr = float(learning_rate(host.samples_seen, t, rt.replicas, joint_lr))  # at the epoch's first step
+        state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight),
+                                          joint_lr=jnp.float32(joint_lr)))
 
         score = None
         if test_ds is not None and epoch >= t.pretrain_epochs:

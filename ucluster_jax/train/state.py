@@ -53,6 +53,7 @@ class TrainState:
     opt_state: AdamState
     alpha: Array  # Deep k-Means softmax sharpness, set per epoch
     cluster_weight: Array  # 0 during pre-training, beta in the joint phase
+    joint_lr: Array  # > 0: this epoch's joint-phase learning rate (train.joint_learning_rate); 0: the schedule
     nonfinite_steps: Array  # updates skipped because the loss or gradients were not finite
     first_nonfinite_step: Array  # -1 if none
 
@@ -64,21 +65,31 @@ def create_state(cfg: Config) -> TrainState:
     return TrainState(
         step=i32(0), samples_seen=i32(0), params=params, batch_stats=variables["batch_stats"],
         opt_state=tf1_adam().init(params), alpha=jnp.float32(0.0), cluster_weight=jnp.float32(0.0),
+        joint_lr=jnp.float32(0.0),
         nonfinite_steps=i32(0), first_nonfinite_step=i32(-1))
 
 
-def learning_rate(samples_seen: Array, t: TrainConfig, world: int = 1, joint: Array | bool = False) -> Array:
-    """lr0 * rate^floor(samples / decay_samples), floored at lr_min (the original's staircase); in the
-    joint phase (`joint`) the constant `joint_learning_rate` instead, where one is set.
+def phase(cfg: Config, epoch: int) -> tuple[float, float, float]:
+    """(alpha, cluster_weight, joint_lr) of an epoch: zeros while pre-training, then beta with alpha growing
+    (SPEC section 3) and, where train.joint_learning_rate is set, that rate decayed per joint epoch."""
+    t, lc = cfg.train, cfg.loss
+    joint_epoch = epoch - t.pretrain_epochs
+    if joint_epoch < 0:
+        return 0.0, 0.0, 0.0
+    lr = max(t.joint_learning_rate * t.joint_lr_decay ** joint_epoch, t.lr_min) if t.joint_learning_rate else 0.0
+    return lc.alpha_scale * (joint_epoch + 2), lc.beta, lr
 
-    With lr_scaling="linear", lr0 is multiplied by the world size, reached by a linear warm-up.
+
+def learning_rate(samples_seen: Array, t: TrainConfig, world: int = 1, joint_lr: Array | float = 0.0) -> Array:
+    """lr0 * rate^floor(samples / decay_samples), floored at lr_min (the original's staircase), or the
+    epoch's `joint_lr` where one is set.
+
+    With lr_scaling="linear", lr0 (and joint_lr) are multiplied by the world size, reached by a linear warm-up.
     """
-    base = t.learning_rate
-    if t.lr_scaling == "linear" and world > 1:
-        base = base * world
-    lr = jnp.maximum(base * t.lr_decay_rate ** jnp.floor(samples_seen / t.lr_decay_samples), t.lr_min)
-    if t.joint_learning_rate > 0:
-        lr = jnp.where(joint, t.joint_learning_rate * base / t.learning_rate, lr)
+    scale = world if t.lr_scaling == "linear" and world > 1 else 1
+    lr = jnp.maximum(scale * t.learning_rate * t.lr_decay_rate ** jnp.floor(samples_seen / t.lr_decay_samples),
+                     t.lr_min)
+    lr = jnp.where(joint_lr > 0, scale * joint_lr, lr)
     if t.lr_scaling == "linear" and t.lr_warmup_samples > 0:
         lr = lr * jnp.minimum(1.0, (samples_seen + t.batch_size) / t.lr_warmup_samples)
     return lr

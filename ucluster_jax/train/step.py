@@ -94,7 +94,7 @@ def make_apply_fn(cfg: Config, *, world: int = 1):
     adam = tf1_adam()
 
     def apply_fn(state: TrainState, grads, new_stats, metrics: dict, local_batch: int):
-        lr = learning_rate(state.samples_seen, cfg.train, world, joint=state.cluster_weight > 0)
+        lr = learning_rate(state.samples_seen, cfg.train, world, state.joint_lr)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         updates, opt_state = adam.update(grads, state.opt_state)
         params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)

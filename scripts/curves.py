@@ -1,0 +1,59 @@
+"""Accuracy against joint-phase samples: runs' RUN/curve.jsonl beside the original's log (docs/RESULTS.md).
+
+    python scripts/curves.py --run "81 % recipe=RUN_A" --run "CPU recipe=RUN_B" \
+        --original ../shared/original_ucluster_ckpt/log_dkm.txt --out docs/img/accuracy_vs_samples.png
+
+Prints, per run, the test accuracy reached at each point and the best one; `--json` keeps them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ucluster_jax import plots  # noqa: E402
+from ucluster_jax.original_log import read_log  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR")
+    ap.add_argument("--original", type=Path, help="the original's log_dkm.txt")
+    ap.add_argument("--out", type=Path, required=True, help="PNG")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    runs = {}
+    for spec in args.run:
+        name, _, path = spec.rpartition("=")
+        curve = Path(path) / "curve.jsonl"
+        if not curve.exists():
+            print(f"{curve}: no such file (train with --test-data and train.eval_every_samples)", file=sys.stderr)
+            return 2
+        runs[name or Path(path).name] = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+    original = read_log(args.original) if args.original else None
+    plots.accuracy_vs_samples(runs, args.out, original)
+    summary = {}
+    for name, rows in runs.items():
+        best = max(rows, key=lambda r: r["test_acc"])
+        summary[name] = {"points": [(r["joint_samples"], round(r["test_acc"], 4)) for r in rows],
+                         "best": (best["joint_samples"], best["test_acc"]), "last": (rows[-1]["joint_samples"],
+                                                                                   rows[-1]["test_acc"])}
+        print(f"{name}: last {rows[-1]['test_acc']:.4f} at {rows[-1]['joint_samples']:,} joint-phase samples; "
+              f"best {best['test_acc']:.4f} at {best['joint_samples']:,}")
+    if original:
+        for r in original:
+            if r.get("joint_samples") and r.get("test_acc", 0) >= 0.75:
+                print(f"original (hls4ml, per-batch): first >= 0.75 at {r['joint_samples']:,} joint-phase samples "
+                      f"(epoch {r['epoch']})")
+                break
+    print(f"wrote {args.out}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
