@@ -297,4 +297,4 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     rc = cli.main(["generate", "--out", str(tmp_path / "x"), "--jets", "5", "--processes", "w,higgs"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "unknown process" in err or "generate" in err
+    assert "unknown process" in err and "higgs" in err
