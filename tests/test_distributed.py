@@ -28,7 +28,7 @@ def reference(tmp_path_factory):
 def assert_equivalent(res, ref, replicas):
     assert int(res["replicas"]) == replicas
     g = ref["grads0"]
-    # the averaged global-batch gradient (BN moments over the global batch), every element
+    # the gradient the step applied: averaged over replicas, BN moments over the global batch; every element
     np.testing.assert_allclose(res["grads0"], g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
     # after one Adam step (lr * m/(sqrt(v)+eps) ~ lr * sign(g)) every parameter whose gradient stands
     # above float rounding moved identically; near-zero gradients (biases before BatchNorm, clipped

@@ -31,13 +31,15 @@ def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) 
 
 
 def make_train_step(cfg: Config, *, replica_sum: ReplicaSum | None = None, grad_mean: GradMean | None = None,
-                    world: int = 1, num_classes: int = 3) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    world: int = 1, num_classes: int = 3,
+                    with_grads: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     `world` is the number of replicas the global batch is split over (samples seen, linear LR scaling).
+    `with_grads` adds the gradient the update applied to the metrics (equivalence checks).
     """
     grads_fn = make_grads_fn(cfg, replica_sum=replica_sum, num_classes=num_classes)
-    apply_fn = make_apply_fn(cfg, world=world)
+    apply_fn = make_apply_fn(cfg, world=world, with_grads=with_grads)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         grads, new_stats, metrics = grads_fn(state, batch)
@@ -86,10 +88,11 @@ def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_cla
     return grads_fn
 
 
-def make_apply_fn(cfg: Config, *, world: int = 1):
+def make_apply_fn(cfg: Config, *, world: int = 1, with_grads: bool = False):
     """Second half: the original's Adam update at the scheduled LR, skipping non-finite gradients.
 
     Gradients arrive already averaged over replicas, so every replica takes the same decision.
+    `with_grads`: the metrics carry them as "grads".
     """
     adam = tf1_adam()
 
@@ -108,7 +111,7 @@ def make_apply_fn(cfg: Config, *, world: int = 1):
             first_nonfinite_step=jnp.where((~finite) & (state.first_nonfinite_step < 0),
                                            state.step, state.first_nonfinite_step),
         )
-        return new_state, {**metrics, "lr": lr}
+        return new_state, {**metrics, "lr": lr, **({"grads": grads} if with_grads else {})}
 
     return apply_fn
 
