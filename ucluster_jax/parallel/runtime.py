@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ucluster_jax.config import Config
 from ucluster_jax.errors import UserError
-from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum
+from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum, require_mpi4jax
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
 
 ENGINES = ("auto", "single", "local", "mpi", "hybrid", "jaxdist")
@@ -206,6 +206,8 @@ def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
     _, size = launched_world()
     if engine == "auto" and size > 1:
         engine = "mpi"
+    if engine in ("mpi", "hybrid"):
+        require_mpi4jax()  # before any work: the step allreduces with it
     if engine in ("hybrid", "jaxdist"):
         # jax.distributed must come before anything touches the backend; it gives pmap's psum (the BN
         # moments) cross-process reach: gloo on CPU (this setting is ignored by GPU backends), NCCL on GPU.
