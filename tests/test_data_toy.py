@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from conftest import shared_file
 from ucluster_jax.cli import main as cli_main
 from ucluster_jax.data.features import (
     FEATURE_NAMES, HLS4ML_PARTICLE_NAMES, constituents_to_hls4ml, hls4ml_particle_features, mass_bin,
@@ -16,7 +16,7 @@ from ucluster_jax.data.prepare import prepare
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.data.toy import toy_hls4ml, toy_jets, write_hls4ml_h5, write_toy
 
-SAMPLE = Path("/work/shared/samples/pythia_wztop_600.h5")
+SAMPLE = "samples/pythia_wztop_600.h5"  # in ../shared (conftest.shared_file)
 
 
 def test_features_by_name_logs_and_infinities():
@@ -45,10 +45,9 @@ def test_mass_bins_fixed_edges():
     assert mass_bin(m).dtype == np.int32
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="shared Pythia sample not present")
 def test_hls4ml_columns_match_external_generator():
     """Our definitions of the relative columns agree with the independently written sample."""
-    with h5py.File(SAMPLE) as f:
+    with h5py.File(shared_file(SAMPLE)) as f:
         c = f["jetConstituentList"][:100]
         names = [n.decode() for n in f["particleFeatureNames"][()]]
     assert tuple(names) == HLS4ML_PARTICLE_NAMES

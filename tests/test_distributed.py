@@ -28,7 +28,7 @@ def reference(tmp_path_factory):
 def assert_equivalent(res, ref, replicas):
     assert int(res["replicas"]) == replicas
     g = ref["grads0"]
-    # the averaged global-batch gradient (BN moments over the global batch), every element
+    # the gradient the step applied: averaged over replicas, BN moments over the global batch; every element
     np.testing.assert_allclose(res["grads0"], g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
     # after one Adam step (lr * m/(sqrt(v)+eps) ~ lr * sign(g)) every parameter whose gradient stands
     # above float rounding moved identically; near-zero gradients (biases before BatchNorm, clipped
@@ -102,3 +102,12 @@ def test_resume_at_another_world_size(toy_small, single_run, tmp_path):
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in recs] == [0, 1, 2, 3]
     assert recs[3]["step"] == 4 * (768 // 64) and recs[3]["samples_seen"] == 4 * 768
+
+
+def test_missing_mpi4jax_says_how_to_install_it(monkeypatch):
+    from ucluster_jax.errors import UserError
+    from ucluster_jax.parallel.runtime import setup
+
+    monkeypatch.setitem(sys.modules, "mpi4jax", None)  # import fails, as when it is not installed
+    with pytest.raises(UserError, match=r"mpi4jax is not installed.*pip install .*ucluster-jax\[mpi\]"):
+        setup("mpi")

@@ -128,6 +128,21 @@ def test_dense_hand_written_gradient_equals_autodiff():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def plain_matmul(x, w):
+    return x @ w
+
+
+def plain_dense_bn_relu(red, eps, x, w, bias, scale, beta):
+    """Dense, BatchNorm (global-batch moments as tf.nn.moments), ReLU, written plainly: autodiff's reference."""
+    red = red or (lambda v: v)
+    z = x @ w + bias
+    axes = tuple(range(z.ndim - 1))
+    count = red(jnp.asarray(z.size // z.shape[-1], z.dtype))
+    m = red(jnp.sum(z, axes)) / count
+    v = red(jnp.sum(jnp.square(z - jax.lax.stop_gradient(m)), axes)) / count
+    return jax.nn.relu((z - m) * jax.lax.rsqrt(v + eps) * scale + beta), m, v
+
+
 def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
     """`batchnorm.dense_bn_relu` (hand-written backward, for speed) is Dense, BatchNorm, ReLU: values,
     moments and every gradient, with the moments summed over two replicas (vmap's psum) as in training."""
@@ -141,13 +156,7 @@ def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
         params = tuple(jax.random.normal(k, shape, jnp.float64)
                        for k, shape in zip(ks[2:], [(5, 6), (6,), (6,), (6,), (2, 6)]))
         red = lambda v: jax.lax.psum(v, "r")  # noqa: E731
-
-        def reference(x, w, bias, scale, beta):
-            z = x @ w + bias
-            count = red(jnp.asarray(z.size // 6, z.dtype))
-            m = red(jnp.sum(z, (0, 1))) / count
-            v = red(jnp.sum(jnp.square(z - jax.lax.stop_gradient(m)), (0, 1))) / count
-            return jax.nn.relu((z - m) * jax.lax.rsqrt(v + eps) * scale + beta), m, v
+        reference = partial(plain_dense_bn_relu, red, eps)
 
         def per_replica(f, x, rr, *p):
             def loss(*a):
@@ -161,13 +170,15 @@ def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
-def test_model_training_gradients_equal_autodiff_over_replicas():
-    """The speed path of the GAP layers (edges a few jets at a time, hand-written backward) against
-    the plain layers, two replicas with global-batch BatchNorm (vmap's psum), in float64 so rounding
-    cannot hide a difference: losses, moving moments, gradients, and the inference outputs."""
+def test_model_training_gradients_equal_autodiff_over_replicas(monkeypatch):
+    """The speed path of the model (edges a few jets at a time and every hand-written backward pass)
+    against `jax.grad` of a plain forward (x @ w, Dense-BatchNorm-ReLU as written, the unchunked GAP
+    layer), two replicas with global-batch BatchNorm (vmap's psum), in float64 so rounding cannot
+    hide a difference: losses, moving moments, gradients, and the inference outputs."""
     from ucluster_jax.bench import synthetic_jets
-    from ucluster_jax.config import Config, ModelConfig
+    from ucluster_jax.config import ModelConfig
     from ucluster_jax.losses import combined_loss
+    from ucluster_jax.model import dense, gap
 
     cfg = ModelConfig(num_points=30, k=5)
     with jax.enable_x64(True):
@@ -187,17 +198,22 @@ def test_model_training_gradients_equal_autodiff_over_replicas():
                 return jax.value_and_grad(loss, has_aux=True)(v["params"])
             return jax.vmap(per_replica, axis_name="r")(x, tgt)
 
+        fast = run(3)  # 4 jets per replica: chunks of 2
+        infer_fast = UCluster(cfg, edge_chunk=3).apply(v, x.reshape(8, 30, -1), train=False)
+        with monkeypatch.context() as mp:  # the plain forward: no custom VJP anywhere
+            for module, name, plain in ((dense, "matmul", plain_matmul), (gap, "matmul", plain_matmul),
+                                        (gap, "dense_bn_relu", plain_dense_bn_relu)):
+                mp.setattr(module, name, plain)
+            plain = run(0)
+            infer_plain = UCluster(cfg, edge_chunk=0).apply(v, x.reshape(8, 30, -1), train=False)
         # Training averages the gradients over replicas: a parameter that acts only through the
         # global moments (the edge Dense bias, which BatchNorm cancels) may split its zero differently.
-        (a, grads_a), (b, grads_b) = run(0), run(3)  # 4 jets per replica: chunks of 2
+        (a, grads_a), (b, grads_b) = plain, fast
         sums = [jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), g) for g in (grads_a, grads_b)]
         for p, q in zip(jax.tree_util.tree_leaves((a, sums[0])), jax.tree_util.tree_leaves((b, sums[1]))):
             np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
-        flat = x.reshape(8, 30, -1)
-        infer = [UCluster(cfg, edge_chunk=c).apply(v, flat, train=False) for c in (0, 3)]
-        for p, q in zip(jax.tree_util.tree_leaves(infer[0]), jax.tree_util.tree_leaves(infer[1])):
+        for p, q in zip(jax.tree_util.tree_leaves(infer_plain), jax.tree_util.tree_leaves(infer_fast)):
             np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
-    assert Config().model == ModelConfig()  # the speed path is no config option: nothing to change in runs
 
 
 def test_cli_processes_start_with_the_speed_settings():

@@ -11,22 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED
 from ucluster_jax.errors import CheckpointError
 from ucluster_jax.tf1 import bundle
 from ucluster_jax.tf1.bundle import crc32c, masked_crc32c, read_tf1_checkpoint, read_tf1_index, resolve_tf1_prefix
 
-CKPT_DIR = Path(os.environ.get("UCLUSTER_TF1_CKPT", "/work/shared/original_ucluster_ckpt"))
+CKPT_DIR = SHARED / "original_ucluster_ckpt"
 PREFIX = CKPT_DIR / "cluster.ckpt"
 FIXTURE = Path(__file__).parent / "data" / "tf1_reference.npz"
 
-needs_ckpt = pytest.mark.skipif(not Path(f"{PREFIX}.index").is_file(), reason=f"no checkpoint at {PREFIX}")
+needs_ckpt = pytest.mark.usefixtures("tf1_checkpoint")
 
 BOOKKEEPING = re.compile(r"(/Adam(_1)?$|ExponentialMovingAverage$|^beta[12]_power$|^Variable$)")
 
 
 @pytest.fixture(scope="module")
-def ckpt() -> dict[str, np.ndarray]:
-    return read_tf1_checkpoint(PREFIX)
+def ckpt(tf1_checkpoint) -> dict[str, np.ndarray]:
+    return read_tf1_checkpoint(tf1_checkpoint)
 
 
 def _copy_ckpt(dst: Path) -> Path:
@@ -211,8 +212,10 @@ def test_tf1_reference_fixture_is_consistent():
     assert ref["knn1"].shape == (m, 100, 10) and ref["knn2"].shape == (m, 100, 10)
     np.testing.assert_allclose(ref["agg_points"].mean(1), ref["z"][ref["knn_jets"]], rtol=1e-5, atol=1e-6)
     assert int(ref["step"]) == 118200
-    if Path(f"{PREFIX}.index").is_file():
-        np.testing.assert_array_equal(ref["mu"], read_tf1_checkpoint(PREFIX)["mu"])
+
+
+def test_tf1_reference_fixture_comes_from_the_shipped_checkpoint(ckpt):
+    np.testing.assert_array_equal(np.load(FIXTURE)["mu"], ckpt["mu"])
 
 
 # ---------------------------------------------------------------- a synthetic multi-block, multi-shard bundle

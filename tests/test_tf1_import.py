@@ -1,11 +1,10 @@
 """Importing the original UCluster TF1 checkpoint: complete mapping, exact values, TF-equal outputs, CLI.
 
-Uses the shipped checkpoint (UCLUSTER_TF1_CKPT, default /work/shared/original_ucluster_ckpt/cluster.ckpt;
-the tests that need it are skipped without it) and tests/data/tf1_reference.npz, the original TF graph
+Uses the shipped checkpoint (../shared/original_ucluster_ckpt/cluster.ckpt; the tests that need it
+fail without it, see conftest.shared_file) and tests/data/tf1_reference.npz, the original TF graph
 restored from that checkpoint and run in evaluation mode (scripts/tf1_reference.py).
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import SHARED
 from ucluster_jax import checkpoint, cli
 from ucluster_jax.config import config_from_dict, load_config
 from ucluster_jax.errors import CheckpointError
@@ -27,10 +27,9 @@ from ucluster_jax.train.state import create_state
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "wztop.yaml"
-CKPT = Path(os.environ.get("UCLUSTER_TF1_CKPT", "/work/shared/original_ucluster_ckpt/cluster.ckpt"))
+CKPT = SHARED / "original_ucluster_ckpt" / "cluster.ckpt"
 REF = REPO / "tests" / "data" / "tf1_reference.npz"
-needs_ckpt = pytest.mark.skipif(not CKPT.with_name(CKPT.name + ".index").exists(),
-                                reason=f"shipped TF1 checkpoint not found at {CKPT}")
+needs_ckpt = pytest.mark.usefixtures("tf1_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +38,10 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def tensors():
-    if not CKPT.with_name(CKPT.name + ".index").exists():
-        pytest.skip(f"shipped TF1 checkpoint not found at {CKPT}")
+def tensors(tf1_checkpoint):
     from ucluster_jax.tf1.bundle import read_tf1_checkpoint
 
-    return read_tf1_checkpoint(CKPT)
+    return read_tf1_checkpoint(tf1_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ucluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        # Arguments are added lazily only for the chosen command (keeps `--help` fast).
-        p.set_defaults(_lazy=True)
+    for name, (_, help_text) in COMMANDS.items():  # each command's arguments: only once it is chosen (`main`)
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 

@@ -197,20 +197,54 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
 
 
 def validate(cfg: Config) -> None:
-    m, t = cfg.model, cfg.train
-    checks = [
-        (m.variant in ("multiclass", "anomaly"), f"model.variant must be multiclass or anomaly, got {m.variant}"),
-        (m.pooling in ("mean", "max"), f"model.pooling must be mean or max, got {m.pooling}"),
-        (0 < m.k <= m.num_points, f"model.k={m.k} must be in 1..num_points"),
-        (t.batch_size > 0, "train.batch_size must be positive"),
-        (t.lr_scaling in ("global", "linear"), "train.lr_scaling must be global or linear"),
-        (t.kmeans_embeddings in ("train_mode", "eval_mode"), "train.kmeans_embeddings must be train_mode or eval_mode"),
-        (t.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
-        (0 <= t.pretrain_epochs, "train.pretrain_epochs must be >= 0"),
-        (0 <= t.eval_every_samples, "train.eval_every_samples must be >= 0"),
-        (0 <= t.joint_learning_rate, "train.joint_learning_rate must be >= 0"),
-        (0 < t.joint_lr_decay <= 1, "train.joint_lr_decay must be in (0, 1]"),
+    """Refuse a value that would crash or silently misbehave later (a zero divisor, an empty k-means,
+    a negative size), naming the key: one line from the CLI, exit status 2."""
+    m, lo, t = cfg.model, cfg.loss, cfg.train
+    positive = lambda *v: all(x > 0 for x in v)  # noqa: E731
+    rules = [
+        ("model.variant", m.variant in ("multiclass", "anomaly"), "multiclass or anomaly"),
+        ("model.pooling", m.pooling in ("mean", "max"), "mean or max"),
+        ("model.num_points", m.num_points > 0, "> 0"),
+        ("model.num_features", m.num_features > 0, "> 0"),
+        ("model.k", 0 < m.k <= m.num_points, f"in 1..model.num_points ({m.num_points})"),
+        ("model.gap1_width", m.gap1_width > 0, "> 0"),
+        ("model.gap2_width", m.gap2_width > 0, "> 0"),
+        ("model.conv1_widths", positive(*m.conv1_widths), "> 0 each"),
+        ("model.conv2_widths", positive(*m.conv2_widths), "> 0 each"),
+        ("model.latent_dim", m.latent_dim > 0, "> 0"),
+        ("model.head_widths", positive(*m.head_widths), "> 0 each"),
+        ("model.num_targets", m.num_targets > 0, "> 0"),
+        ("model.num_clusters", m.num_clusters > 0, "> 0"),
+        ("model.num_global", m.num_global >= 0, ">= 0"),
+        ("model.global_width", m.global_width > 0, "> 0"),
+        ("model.bn_epsilon", m.bn_epsilon > 0, "> 0"),
+        ("loss.focal_gamma", lo.focal_gamma >= 0, ">= 0"),
+        ("train.epochs", t.epochs > 0, "> 0"),
+        ("train.pretrain_epochs", 0 <= t.pretrain_epochs <= t.epochs, f"in 0..train.epochs ({t.epochs})"),
+        ("train.batch_size", t.batch_size > 0, "> 0"),
+        ("train.eval_batch_size", t.eval_batch_size > 0, "> 0"),
+        ("train.learning_rate", t.learning_rate > 0, "> 0"),
+        ("train.lr_decay_samples", t.lr_decay_samples > 0, "> 0"),
+        ("train.lr_decay_rate", 0 < t.lr_decay_rate <= 1, "in (0, 1]"),
+        ("train.lr_min", t.lr_min >= 0, ">= 0"),
+        ("train.lr_scaling", t.lr_scaling in ("global", "linear"), "global or linear"),
+        ("train.lr_warmup_samples", t.lr_warmup_samples >= 0, ">= 0"),
+        ("train.bn_decay_init", 0 <= t.bn_decay_init <= 1, "in [0, 1]"),
+        ("train.bn_decay_rate", 0 < t.bn_decay_rate <= 1, "in (0, 1]"),
+        ("train.bn_decay_samples", t.bn_decay_samples > 0, "> 0"),
+        ("train.bn_decay_clip", 0 <= t.bn_decay_clip <= 1, "in [0, 1]"),
+        ("train.kmeans_restarts", t.kmeans_restarts >= 1, ">= 1"),
+        ("train.kmeans_iters", t.kmeans_iters >= 1, ">= 1"),
+        ("train.kmeans_embeddings", t.kmeans_embeddings in ("train_mode", "eval_mode"), "train_mode or eval_mode"),
+        ("train.shuffle_buffer_row_groups", t.shuffle_buffer_row_groups >= 1, ">= 1"),
+        ("train.nonfinite", t.nonfinite in ("stop", "skip"), "stop or skip"),
+        ("train.checksum_every", t.checksum_every >= 0, ">= 0"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 0, ">= 0 (0: keep all)"),
+        ("train.eval_every_samples", t.eval_every_samples >= 0, ">= 0 (0: at epoch ends only)"),
+        ("train.joint_learning_rate", t.joint_learning_rate >= 0, ">= 0 (0: the schedule)"),
+        ("train.joint_lr_decay", 0 < t.joint_lr_decay <= 1, "in (0, 1]"),
     ]
-    for ok, msg in checks:
+    for key, ok, need in rules:
         if not ok:
-            raise ConfigError(msg)
+            section, name = key.split(".")
+            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: must be {need}")

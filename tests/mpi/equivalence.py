@@ -38,17 +38,15 @@ def main(engine: str, out: str, devices: int | None) -> None:
                         cluster_weight=jnp.float32(1.0))
     state = rt.put_state(host)
     rt.check_replicas(state, "step 0")
-    step = rt.make_step(cfg)
+    step = rt.make_step(cfg, with_grads=True)
     lb = rt.local_batch(GLOBAL_BATCH)
     losses = []
-    grads0 = None
     for gb in global_batches(cfg):
         local = {k: v[rt.rank * lb:(rt.rank + 1) * lb] for k, v in gb.items()}
-        if grads0 is None:  # the averaged global-batch gradient of the first step
-            grads0 = ravel_pytree(jax.device_get(rt.make_grads(cfg)(state, rt.put_batch(local))))[0]
         state, m = step(state, rt.put_batch(local))
         m = rt.step_metrics(m)
-        if not losses:
+        if not losses:  # the gradient the first step applied (averaged over replicas), and its result
+            grads0 = ravel_pytree(jax.device_get(m["grads"]))[0]
             params1 = ravel_pytree(rt.host_state(state).params)[0]
         losses.append(float(rt.sum(np.asarray(jax.device_get(m["loss"]))[None])[0]) / rt.replicas)
     rt.check_replicas(state, "end")
@@ -56,7 +54,8 @@ def main(engine: str, out: str, devices: int | None) -> None:
     flat_p, _ = ravel_pytree(final.params)
     flat_s, _ = ravel_pytree(final.batch_stats)
     if rt.is_root:
-        np.savez(out, grads0=np.asarray(grads0), params1=np.asarray(params1), params=np.asarray(flat_p), stats=np.asarray(flat_s), losses=np.asarray(losses),
+        np.savez(out, grads0=np.asarray(grads0), params1=np.asarray(params1), params=np.asarray(flat_p),
+                 stats=np.asarray(flat_s), losses=np.asarray(losses),
                  step=int(final.step), samples=int(final.samples_seen), replicas=rt.replicas, engine=rt.engine)
 
 

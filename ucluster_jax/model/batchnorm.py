@@ -34,11 +34,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float, mask: Array | None = None) -> Array:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
-        ra_var = self.variable("batch_stats", "var", jnp.zeros, (c,))
+        scale, bias, ra_mean, ra_var = bn_variables(self, x.shape[-1])
         if not train:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -51,10 +47,26 @@ class BatchNorm(nn.Module):
                 count = reduce(jnp.sum(w))
                 mean = reduce(jnp.sum(x * w, axes)) / count
                 var = reduce(jnp.sum(jnp.square(x - jax.lax.stop_gradient(mean)) * w, axes)) / count
-            if not self.is_initializing():
-                ra_mean.value = decay * ra_mean.value + (1.0 - decay) * jax.lax.stop_gradient(mean)
-                ra_var.value = decay * ra_var.value + (1.0 - decay) * jax.lax.stop_gradient(var)
+            update_moving_moments(self, ra_mean, ra_var, mean, var, decay)
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def bn_variables(module: nn.Module, c: int) -> tuple[Array, Array, nn.Variable, nn.Variable]:
+    """A BatchNorm's variables in `module`'s scope: scale, bias, and the moving mean and variance
+    (starting at 0, as TF's ExponentialMovingAverage). The layers that apply BatchNorm themselves
+    (`dense_bn_relu`, the chunked edge passes) share these names, so checkpoints fit either path."""
+    return (module.param("scale", nn.initializers.ones, (c,)), module.param("bias", nn.initializers.zeros, (c,)),
+            module.variable("batch_stats", "mean", jnp.zeros, (c,)),
+            module.variable("batch_stats", "var", jnp.zeros, (c,)))
+
+
+def update_moving_moments(module: nn.Module, ra_mean: nn.Variable, ra_var: nn.Variable, mean: Array, var: Array,
+                          decay: Array | float) -> None:
+    """The moving averages' update, the original's: decay * old + (1 - decay) * batch (no gradient)."""
+    if module.is_initializing():
+        return
+    ra_mean.value = decay * ra_mean.value + (1.0 - decay) * jax.lax.stop_gradient(mean)
+    ra_var.value = decay * ra_var.value + (1.0 - decay) * jax.lax.stop_gradient(var)
 
 
 def moments(red: Callable[[Array], Array], x: Array) -> tuple[Array, Array, Array]:

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum, dense_bn_relu, moments, sum_and_count
+from ucluster_jax.model.batchnorm import (
+    BatchNorm, ReplicaSum, bn_variables, dense_bn_relu, moments, sum_and_count, update_moving_moments,
+)
 from ucluster_jax.model.dense import Dense, glorot, matmul
 from ucluster_jax.model.knn import adjacency, gather_neighbours, scatter_neighbours
 
@@ -56,7 +58,7 @@ class GAPLayer(nn.Module):
     bn_epsilon: float = 1e-3
     replica_sum: ReplicaSum | None = None
     edge_per_point: bool = True
-    edge_chunk: int = 8
+    edge_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: Array, idx: Array, *, train: bool, decay: Array | float,
@@ -108,18 +110,14 @@ class _BNVars(nn.Module):
     """A BatchNorm's variables (the same names as `BatchNorm`), for code that applies it itself.
 
     Returns (scale, bias, moving mean, moving variance); given batch moments, updates the moving
-    averages exactly as `BatchNorm` does.
+    averages as `BatchNorm` does.
     """
 
     @nn.compact
     def __call__(self, c: int, mean: Array | None = None, var: Array | None = None, decay=None):
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
-        ra_var = self.variable("batch_stats", "var", jnp.zeros, (c,))
-        if mean is not None and not self.is_initializing():
-            ra_mean.value = decay * ra_mean.value + (1.0 - decay) * jax.lax.stop_gradient(mean)
-            ra_var.value = decay * ra_var.value + (1.0 - decay) * jax.lax.stop_gradient(var)
+        scale, bias, ra_mean, ra_var = bn_variables(self, c)
+        if mean is not None:
+            update_moving_moments(self, ra_mean, ra_var, mean, var, decay)
         return scale, bias, ra_mean.value, ra_var.value
 
 

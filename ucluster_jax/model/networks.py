@@ -23,10 +23,9 @@ class UCluster(nn.Module):
     cfg: ModelConfig
     replica_sum: ReplicaSum | None = None
     edge_per_point: bool = True
-    # jets per chunk of the GAP layers' edge passes (same function whatever the size; 0: the plain
-    # layers). None: 8 on CPU (a chunk's edges stay in cache), the whole batch on accelerators,
-    # where 64 sequential small chunks would leave the device idle.
-    edge_chunk: int | None = None
+    # jets per chunk of the GAP layers' edge passes (the same function whatever the size; 0: the
+    # plain layers). A speed setting of the machine, chosen by the caller (`train.step.edge_chunk`).
+    edge_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float = 0.0,
@@ -36,8 +35,6 @@ class UCluster(nn.Module):
         kw = dict(bn_epsilon=cfg.bn_epsilon, replica_sum=self.replica_sum)
         call = dict(train=train, decay=decay, mask=mask)
         chunk = self.edge_chunk
-        if chunk is None:
-            chunk = 8 if jax.default_backend() == "cpu" else x.shape[0]
 
         idx1 = knn_indices(eta_phi_distance(x, cfg.padding_penalty), cfg.k)
         a1, g1 = GAPLayer(cfg.gap1_width, edge_per_point=self.edge_per_point, edge_chunk=chunk,

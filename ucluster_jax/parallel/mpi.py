@@ -1,6 +1,7 @@
 """MPI across processes: mpi4jax inside jitted code, mpi4py for host-side bookkeeping.
 
-Imported only when the job runs under mpirun (or a test asks for it).
+Imported only when the job runs under mpirun (or a test asks for it). mpi4jax is the optional
+extra `mpi`: it compiles against an MPI library, so it is not a plain dependency.
 """
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from typing import Any
 import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from ucluster_jax.errors import UserError
+
+INSTALL_MPI4JAX = ("pip install --no-build-isolation 'ucluster-jax[mpi]' with MPI4JAX_BUILD_MPICC set to the "
+                   "environment's mpicc (as scripts/install.sh does), or use --engine jaxdist")
+
+
+def require_mpi4jax():
+    """The mpi4jax module, or an error saying how to install it (engines mpi and hybrid need it)."""
+    try:
+        import mpi4jax
+    except ImportError as e:
+        raise UserError(f"mpi4jax is not installed ({e}); the mpi and hybrid engines need it: "
+                        f"{INSTALL_MPI4JAX}") from None
+    return mpi4jax
 
 
 def launched_world() -> tuple[int, int]:
@@ -36,8 +52,7 @@ class MPIComm:
     # --- inside jitted code (mpi4jax) ---
     def device_sum(self, x: jax.Array) -> jax.Array:
         """Differentiable allreduce-sum: the cotangent of a sum over ranks is itself summed over ranks."""
-        import mpi4jax
-
+        mpi4jax = require_mpi4jax()
         comm, SUM = self.comm, self.MPI.SUM
 
         @jax.custom_vjp
@@ -49,8 +64,7 @@ class MPIComm:
 
     def tree_mean(self, tree: Any) -> Any:
         """Average a pytree over ranks with ONE allreduce of the flattened leaves (not one per leaf)."""
-        import mpi4jax
-
+        mpi4jax = require_mpi4jax()
         flat, unravel = ravel_pytree(tree)
         total = mpi4jax.allreduce(flat, op=self.MPI.SUM, comm=self.comm)
         return unravel(total / self.size)

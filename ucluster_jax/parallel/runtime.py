@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ucluster_jax.config import Config
 from ucluster_jax.errors import UserError
-from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum
+from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum, require_mpi4jax
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
 
 ENGINES = ("auto", "single", "local", "mpi", "hybrid", "jaxdist")
@@ -71,24 +71,26 @@ class Runtime:
         return global_batch // self.world
 
     # ---- the step ----
-    def make_step(self, cfg: Config) -> Callable:
-        """A compiled `step(state, batch) -> (state, metrics)` on this runtime's placement."""
+    def make_step(self, cfg: Config, *, with_grads: bool = False) -> Callable:
+        """A compiled `step(state, batch) -> (state, metrics)` on this runtime's placement.
+
+        `with_grads`: metrics["grads"] is the replica-averaged gradient the update applied."""
         R = self.replicas
         if self.engine == "single":
-            return jax.jit(make_train_step(cfg), donate_argnums=0)
+            return jax.jit(make_train_step(cfg, with_grads=with_grads), donate_argnums=0)
         if self.engine == "mpi":
             c = self.comm
-            return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R),
-                           donate_argnums=0)
+            return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R,
+                                           with_grads=with_grads), donate_argnums=0)
         psum = lambda v: jax.lax.psum(v, AXIS)  # noqa: E731
         if self.engine in ("local", "jaxdist"):  # jaxdist: the same program, the axis spans processes
             pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
-            step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R)
+            step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R, with_grads=with_grads)
             return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices)
         # hybrid: BN moments psum'd in-graph over every device of every process (jax.distributed);
         # per-device gradients summed over this host's devices, then ONE mpi4jax allreduce across ranks.
         grads_fn = make_grads_fn(cfg, replica_sum=psum)
-        apply_fn = make_apply_fn(cfg, world=R)
+        apply_fn = make_apply_fn(cfg, world=R, with_grads=with_grads)
         c, dev0 = self.comm, self.devices[0]
 
         def local(state, batch):
@@ -126,27 +128,6 @@ class Runtime:
         shapes = jax.eval_shape(lambda: init_variables(cfg.model, 0)["params"])
         return ravel_pytree(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes))[1]
 
-    def make_grads(self, cfg: Config) -> Callable:
-        """`grads(state, batch)`: the gradient averaged over every replica, as the step uses it.
-
-        For equivalence checks and the allreduce benchmark; training uses `make_step`.
-        """
-        if self.engine in ("single", "mpi"):
-            grads_fn = make_grads_fn(cfg, replica_sum=self.comm.device_sum if self.comm else None)
-            mean = self.comm.tree_mean if self.comm else (lambda g: g)
-            return jax.jit(lambda state, batch: mean(grads_fn(state, batch)[0]))
-        grads_fn = make_grads_fn(cfg, replica_sum=lambda v: jax.lax.psum(v, AXIS))
-        if self.engine in ("local", "jaxdist"):
-            local = jax.pmap(lambda st, b: jax.lax.pmean(grads_fn(st, b)[0], AXIS), axis_name=AXIS,
-                             devices=self._pmap_devices)
-            return lambda state, batch: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0],
-                                                               local(state, batch))
-        local = jax.pmap(lambda st, b: ravel_pytree(grads_fn(st, b)[0])[0], axis_name=AXIS)
-        unravel, c, dev0, R = self._unravel(cfg), self.comm, self.devices[0], self.replicas
-        across = jax.jit(lambda flat: unravel(c.device_sum(jnp.sum(flat, axis=0)) / R))
-        return lambda state, batch: across(jnp.stack([jax.device_put(sh.data[0], dev0)
-                                                      for sh in local(state, batch).addressable_shards]))
-
     # ---- placement ----
     @property
     def _sharding(self) -> NamedSharding:
@@ -173,8 +154,14 @@ class Runtime:
         return {k: jax.device_put(v.reshape((D, -1) + v.shape[1:]), sh) for k, v in batch.items()}
 
     def step_metrics(self, metrics: dict) -> dict:
-        """Per-step metrics summed over local devices (still on device: no host round trip)."""
-        return metrics_sum(metrics) if self.replicated and self.engine != "hybrid" else metrics
+        """Per-step metrics summed over local devices (still on device: no host round trip); the
+        gradient (`make_step(with_grads=True)`), the same on every device, from the first."""
+        if not self.replicated or self.engine == "hybrid":
+            return metrics
+        out = metrics_sum({k: v for k, v in metrics.items() if k != "grads"})
+        if "grads" in metrics:
+            out["grads"] = jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], metrics["grads"])
+        return out
 
     # ---- host-side reductions (epoch ends, k-means, checks) ----
     def sum(self, x: np.ndarray) -> np.ndarray:
@@ -219,6 +206,8 @@ def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
     _, size = launched_world()
     if engine == "auto" and size > 1:
         engine = "mpi"
+    if engine in ("mpi", "hybrid"):
+        require_mpi4jax()  # before any work: the step allreduces with it
     if engine in ("hybrid", "jaxdist"):
         # jax.distributed must come before anything touches the backend; it gives pmap's psum (the BN
         # moments) cross-process reach: gloo on CPU (this setting is ignored by GPU backends), NCCL on GPU.

@@ -21,6 +21,13 @@ Batch = dict[str, Array]
 GradMean = Callable[[dict], dict]
 
 
+def edge_chunk() -> int:
+    """Jets per chunk of the GAP layers' edge passes on this machine: 8 on CPU (a chunk's edges stay
+    in cache); on accelerators the whole batch (any size above it), where many small sequential
+    chunks would leave the device idle."""
+    return 8 if jax.default_backend() == "cpu" else 2**31 - 1
+
+
 def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) -> Array:
     """Counts of (nearest centroid, truth class) for the jets with a known class; [K, C] int32."""
     cluster = jnp.argmin(dist, axis=-1)
@@ -31,13 +38,15 @@ def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) 
 
 
 def make_train_step(cfg: Config, *, replica_sum: ReplicaSum | None = None, grad_mean: GradMean | None = None,
-                    world: int = 1, num_classes: int = 3) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    world: int = 1, num_classes: int = 3,
+                    with_grads: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     `world` is the number of replicas the global batch is split over (samples seen, linear LR scaling).
+    `with_grads` adds the gradient the update applied to the metrics (equivalence checks).
     """
     grads_fn = make_grads_fn(cfg, replica_sum=replica_sum, num_classes=num_classes)
-    apply_fn = make_apply_fn(cfg, world=world)
+    apply_fn = make_apply_fn(cfg, world=world, with_grads=with_grads)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         grads, new_stats, metrics = grads_fn(state, batch)
@@ -64,7 +73,7 @@ def make_multi_step(train_step: Callable) -> Callable:
 
 def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_classes: int = 3):
     """First half of the step: forward, combined loss, gradients, new BN statistics, batch metrics."""
-    model = UCluster(cfg.model, replica_sum=replica_sum)
+    model = UCluster(cfg.model, replica_sum=replica_sum, edge_chunk=edge_chunk())
     t, lc = cfg.train, cfg.loss
 
     def grads_fn(state: TrainState, batch: Batch):
@@ -86,10 +95,11 @@ def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_cla
     return grads_fn
 
 
-def make_apply_fn(cfg: Config, *, world: int = 1):
+def make_apply_fn(cfg: Config, *, world: int = 1, with_grads: bool = False):
     """Second half: the original's Adam update at the scheduled LR, skipping non-finite gradients.
 
     Gradients arrive already averaged over replicas, so every replica takes the same decision.
+    `with_grads`: the metrics carry them as "grads".
     """
     adam = tf1_adam()
 
@@ -108,7 +118,7 @@ def make_apply_fn(cfg: Config, *, world: int = 1):
             first_nonfinite_step=jnp.where((~finite) & (state.first_nonfinite_step < 0),
                                            state.step, state.first_nonfinite_step),
         )
-        return new_state, {**metrics, "lr": lr}
+        return new_state, {**metrics, "lr": lr, **({"grads": grads} if with_grads else {})}
 
     return apply_fn
 
@@ -116,7 +126,7 @@ def make_apply_fn(cfg: Config, *, world: int = 1):
 def make_eval_fn(cfg: Config, *, train_mode_bn: bool = False) -> Callable[[TrainState, Array], dict[str, Array]]:
     """Embed jets: z, logits, distances. `train_mode_bn` normalises with the batch's own statistics
     (how the original's k-means saw the embeddings) without touching the moving averages."""
-    model = UCluster(cfg.model)
+    model = UCluster(cfg.model, edge_chunk=edge_chunk())
 
     def eval_fn(state: TrainState, x: Array, global_features: Array | None = None) -> dict[str, Array]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}

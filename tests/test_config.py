@@ -1,0 +1,32 @@
+"""Configuration values that would crash or misbehave later are refused up front, naming the key."""
+import pytest
+
+from ucluster_jax import cli
+from ucluster_jax.config import ConfigError, load_config
+
+BAD = ["train.lr_decay_samples=0", "train.bn_decay_samples=0", "train.kmeans_restarts=0", "train.kmeans_iters=0",
+       "train.batch_size=0", "train.eval_batch_size=-1", "train.epochs=0", "train.pretrain_epochs=9",
+       "train.learning_rate=0", "train.lr_decay_rate=0", "train.bn_decay_rate=1.5", "train.bn_decay_clip=2",
+       "train.shuffle_buffer_row_groups=0", "train.keep_checkpoints=-1", "model.k=0", "model.k=101",
+       "model.latent_dim=0", "model.conv1_widths=[64,0]", "model.num_clusters=0", "model.bn_epsilon=0",
+       "loss.focal_gamma=-1"]
+
+
+@pytest.mark.parametrize("override", BAD)
+def test_bad_value_is_refused_naming_the_key(override):
+    key = override.split("=")[0]
+    extra = ["train.epochs=8"] if key == "train.pretrain_epochs" else []
+    with pytest.raises(ConfigError, match=rf"^{key}=.*: must be "):
+        load_config(None, [*extra, override])
+
+
+@pytest.mark.parametrize("path", [None, "configs/demo.yaml", "configs/wztop.yaml", "configs/wztop_cpu.yaml",
+                                  "configs/anomaly.yaml"])
+def test_shipped_configs_are_valid(path):
+    load_config(path)
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    assert cli.main(["info", "--set", "train.kmeans_restarts=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ucluster info: error: train.kmeans_restarts=0: must be >= 1\n"

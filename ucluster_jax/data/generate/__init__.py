@@ -1,0 +1,30 @@
+"""`ucluster generate`: simulated boosted W, Z and top jets (optionally light-quark and gluon jets).
+
+Pythia 8 (13 TeV pp) + FastJet (anti-kT R=0.8) on the visible final state, written in the hls4ml
+raw layout of SPEC section 1 (`jetConstituentList` [N,100,16], `jets` [N,59] and the two name
+arrays), one HDF5 file per completed chunk, or as parquet shards. See docs/GENERATE.md.
+
+Work is split into chunks (default 1000 jets, mixed over the requested processes). Every chunk
+starts fresh Pythia instances seeded from (seed, rank, chunk, process), so a chunk's content
+depends only on those and the settings: the same command gives identical files, and a rerun after
+an interruption skips the chunks already written and regenerates exactly the missing ones.
+Each chunk file is written under a hidden temporary name and renamed when complete.
+
+pythia8mc and fastjet are an optional extra (`pip install 'ucluster-jax[generate]'`) and are
+imported only inside the functions that need them.
+
+Modules: spec (what to simulate), physics (Pythia + FastJet), jobs (chunks, workers, ranks),
+writers (files), cli (the command's arguments).
+"""
+from ucluster_jax.data.generate.cli import add_args, config_from_args, run
+from ucluster_jax.data.generate.jobs import GenerateResult, Job, generate, pythia_seed
+from ucluster_jax.data.generate.physics import JetSimulator, constituent_features, import_backends
+from ucluster_jax.data.generate.spec import (
+    JET_FEATURE_NAMES, LABELS, PARTICLE_FEATURE_NAMES, PROCESS_ORDER, PYTHIA_SEED_MAX, GenConfig,
+)
+from ucluster_jax.data.generate.writers import h5_to_parquet, merge_h5, read_h5
+
+__all__ = ["GenConfig", "GenerateResult", "JET_FEATURE_NAMES", "JetSimulator", "Job", "LABELS",
+           "PARTICLE_FEATURE_NAMES", "PROCESS_ORDER", "PYTHIA_SEED_MAX", "add_args", "config_from_args",
+           "constituent_features", "generate", "h5_to_parquet", "import_backends", "merge_h5", "pythia_seed",
+           "read_h5", "run"]

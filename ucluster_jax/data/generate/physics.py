@@ -1,0 +1,222 @@
+"""Pythia 8 + FastJet (imported on first use): events to jets, jets to hls4ml rows."""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+
+import numpy as np
+
+from ucluster_jax.data.generate.spec import (
+    GenConfig, INSTALL_HINT, JET_FEATURE_NAMES, MAX_CONSTITUENTS, PARTICLE_FEATURES, PROCESSES, _JET_COL,
+)
+from ucluster_jax.errors import UserError
+
+
+def import_backends():
+    """Import pythia8mc and fastjet, or raise UserError naming the optional extra."""
+    try:
+        import fastjet  # noqa: F401
+        import pythia8mc  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"`ucluster generate` needs pythia8mc and fastjet ({e.name or e} is missing): "
+            f"{INSTALL_HINT}") from None
+    _silence_fastjet_banner(fastjet)
+    return pythia8mc, fastjet
+
+
+_BANNER_SILENCED = False
+
+
+def _silence_fastjet_banner(fastjet) -> None:
+    """FastJet prints a banner on stdout at its first clustering: do that first one into /dev/null."""
+    global _BANNER_SILENCED
+    if _BANNER_SILENCED:
+        return
+    _BANNER_SILENCED = True
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - non-glibc platform: live with the banner
+        libc = None
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        cs = fastjet.ClusterSequence([fastjet.PseudoJet(1.0, 0.0, 0.0, 1.0)],
+                                     fastjet.JetDefinition(fastjet.antikt_algorithm, 0.8))
+        cs.inclusive_jets()
+        if libc is not None:
+            libc.fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def check_pythia_settings(config: GenConfig) -> None:
+    """Have Pythia parse every setting of every requested process (no initialisation)."""
+    pythia8mc, _ = import_backends()
+    pythia = pythia8mc.Pythia("", False)  # one instance: only the parsing is checked here
+    for process in config.processes:
+        for s in config.pythia_strings(process, 1):
+            if not pythia.readString(s):
+                raise UserError(f"Pythia rejected the setting {s!r}")
+
+
+def _wrap_phi(dphi: np.ndarray | float):
+    return (np.asarray(dphi) + np.pi) % (2.0 * np.pi) - np.pi
+
+
+def constituent_features(p4: np.ndarray, max_constituents: int = MAX_CONSTITUENTS):
+    """hls4ml per-particle features of one jet from its constituents' (px, py, pz, E) [M,4].
+
+    Returns (features [max_constituents,16] float32 in PARTICLE_FEATURE_NAMES order, sorted by pT
+    and zero-padded; jet (pt, eta, phi, mass, multiplicity)). The jet is the E-scheme sum of all
+    M constituents (also those beyond max_constituents). etarot/phirot are not rotated: they repeat
+    etarel/phirel (the project reads only etarel, phirel, ptrel, deltaR, e, erel, pt, costhetarel).
+    """
+    p4 = np.asarray(p4, dtype=np.float64)
+    jpx, jpy, jpz, je = p4.sum(axis=0)
+    jpt = math.hypot(jpx, jpy)
+    jp = math.sqrt(jpt * jpt + jpz * jpz)
+    jeta = math.asinh(jpz / jpt)
+    jphi = math.atan2(jpy, jpx)
+    jmass = math.sqrt(max(je * je - jp * jp, 0.0))
+    jcos = jpz / jp
+
+    px, py, pz, e = p4.T
+    pt = np.hypot(px, py)
+    order = np.argsort(-pt, kind="stable")[:max_constituents]
+    px, py, pz, e, pt = px[order], py[order], pz[order], e[order], pt[order]
+    p = np.sqrt(pt * pt + pz * pz)
+    eta = np.arcsinh(pz / pt)
+    phi = np.arctan2(py, px)
+    etarel = eta - jeta
+    phirel = _wrap_phi(phi - jphi)
+    costheta = pz / p
+    cols = {
+        "px": px, "py": py, "pz": pz, "e": e, "erel": e / je, "pt": pt, "ptrel": pt / jpt,
+        "eta": eta, "etarel": etarel, "etarot": etarel, "phi": phi, "phirel": phirel,
+        "phirot": phirel, "deltaR": np.hypot(etarel, phirel), "costheta": costheta,
+        "costhetarel": costheta - jcos,
+    }
+    out = np.zeros((max_constituents, len(PARTICLE_FEATURES)), dtype=np.float32)
+    out[: len(order)] = np.stack([cols[n] for n in PARTICLE_FEATURES], axis=1)
+    return out, (jpt, jeta, jphi, jmass, int(p4.shape[0]))
+
+
+def jet_row(process: str, pt: float, eta: float, mass: float, multiplicity: int) -> np.ndarray:
+    row = np.zeros(len(JET_FEATURE_NAMES), dtype=np.float32)
+    row[_JET_COL["j_pt"]] = pt
+    row[_JET_COL["j_eta"]] = eta
+    row[_JET_COL["j_mass"]] = mass
+    row[_JET_COL["j_multiplicity"]] = multiplicity
+    row[_JET_COL[PROCESSES[process].onehot]] = 1.0
+    return row
+
+
+def _decays_to_quarks(ev, p) -> bool:
+    """A W/Z decays to quarks; a top's W does (followed through its recoil copies)."""
+    daughters = [ev[d] for d in p.daughterList()]
+    if p.idAbs() == 6:
+        w = [d for d in daughters if d.idAbs() == 24]
+        if not w:
+            return False
+        last = ev[w[0].iBotCopyId()]
+        daughters = [ev[d] for d in last.daughterList()]
+    return bool(daughters) and all(1 <= d.idAbs() <= 5 for d in daughters)
+
+
+class JetSimulator:
+    """One Pythia instance for one process; `next_event()` returns the event's selected jets."""
+
+    def __init__(self, process: str, config: GenConfig, seed: int, rng: np.random.Generator):
+        pythia8mc, fastjet = import_backends()
+        self.fastjet = fastjet
+        self.spec = PROCESSES[process]
+        self.process = process
+        self.config = config
+        self.rng = rng
+        self.pythia = pythia8mc.Pythia("", False)
+        for s in config.pythia_strings(process, seed):
+            if not self.pythia.readString(s):
+                raise UserError(f"Pythia rejected the setting {s!r}")
+        if not self.pythia.init():
+            raise UserError(f"Pythia initialisation failed for process {process!r} (check --pythia settings)")
+        self.jetdef = fastjet.JetDefinition(fastjet.antikt_algorithm, config.jet_r)
+        self.failed = 0
+
+    def _read_event(self):
+        ev = self.pythia.event
+        parts = ev.particles()  # one list: cheaper than ev[i] per particle
+        final = []
+        candidates = []
+        ids = self.spec.truth_ids
+        for i, p in enumerate(parts):
+            if p.isFinal():
+                if p.isVisible():
+                    final.append(p)
+            elif p.idAbs() in ids:
+                candidates.append(i)
+        vis = [(p.px(), p.py(), p.pz(), p.e()) for p in final]
+        truth: list[tuple[float, float]] = []
+        for i in candidates:
+            p = ev[i]  # the event's own particle: history methods need its event pointer
+            if self.spec.resonance:
+                if p.iBotCopyId() != i:
+                    continue  # not the last copy (the one that decays)
+                if not _decays_to_quarks(ev, p):
+                    continue  # leptonic decay (not with the default decay settings)
+            elif p.statusAbs() != 23:
+                continue  # not an outgoing parton of the hard process
+            truth.append((p.eta(), p.phi()))
+        return np.asarray(vis, dtype=np.float64).reshape(-1, 4), truth
+
+    def next_event(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Generate one event; None if Pythia failed on it, else its (constituents, jet row) pairs."""
+        if not self.pythia.next():
+            self.failed += 1
+            return None
+        cfg = self.config
+        p4, truth = self._read_event()
+        if cfg.smear > 0 and len(p4):
+            sigma = cfg.smear / np.sqrt(np.maximum(p4[:, 3], 1e-12))
+            p4 = p4 * np.maximum(1.0 + sigma * self.rng.standard_normal(len(p4)), 0.0)[:, None]
+        pt = np.hypot(p4[:, 0], p4[:, 1])
+        keep = pt > max(cfg.pt_threshold, 1e-9)
+        p4, pt = p4[keep], pt[keep]
+        keep = np.abs(np.arcsinh(p4[:, 2] / pt)) < cfg.particle_eta_max
+        p4 = p4[keep]
+        if not truth or len(p4) == 0:
+            return []
+        fj = self.fastjet
+        pjs = []
+        for k, (px, py, pz, e) in enumerate(p4.tolist()):
+            pj = fj.PseudoJet(px, py, pz, e)
+            pj.set_user_index(k)
+            pjs.append(pj)
+        cs = fj.ClusterSequence(pjs, self.jetdef)
+        jets = fj.sorted_by_pt(cs.inclusive_jets())[:2]
+        out = []
+        used: set[int] = set()
+        for jet in jets:
+            jpt, jeta = jet.pt(), jet.eta()
+            if not (cfg.pt_min < jpt < cfg.pt_max and abs(jeta) < cfg.jet_eta_max):
+                continue
+            jphi = jet.phi()
+            best, best_dr = -1, cfg.match_dr
+            for t, (teta, tphi) in enumerate(truth):
+                if t in used:
+                    continue
+                dr = math.hypot(jeta - teta, float(_wrap_phi(jphi - tphi)))
+                if dr < best_dr:
+                    best, best_dr = t, dr
+            if best < 0:
+                continue
+            used.add(best)
+            idx = [c.user_index() for c in jet.constituents()]
+            feats, (cpt, ceta, _, cmass, mult) = constituent_features(p4[idx])
+            out.append((feats, jet_row(self.process, cpt, ceta, cmass, mult)))
+        return out
