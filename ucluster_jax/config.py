@@ -77,8 +77,10 @@ class TrainConfig:
     kmeans_iters: int = 100
     kmeans_embeddings: str = "train_mode"  # original: BN with batch statistics; "eval_mode": moving stats
     shuffle: bool = False  # original: no shuffle (files in order); deviation: seeded per-epoch shuffle
-    shuffle_buffer_row_groups: int = 4
-    eval_batch_size: int = 512
+    shuffle_buffer_row_groups: int = 4  # shuffle window: this many row groups' worth over all lanes
+    data_lanes: int = 8  # epoch layout (docs/DATA.md): divides batch_size, a multiple of the processes
+    eval_batch_size: int = 512  # jets per embedding batch: k-means input (with train_mode, BN statistics), scoring
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, count it)
     checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
     keep_checkpoints: int = 3
@@ -200,6 +202,11 @@ def validate(cfg: Config) -> None:
         (m.pooling in ("mean", "max"), f"model.pooling must be mean or max, got {m.pooling}"),
         (0 < m.k <= m.num_points, f"model.k={m.k} must be in 1..num_points"),
         (t.batch_size > 0, "train.batch_size must be positive"),
+        (t.data_lanes > 0 and t.batch_size % t.data_lanes == 0,
+         f"train.data_lanes={t.data_lanes} must divide train.batch_size={t.batch_size}"),
+        (t.eval_batch_size > 0, "train.eval_batch_size must be positive"),
+        (t.shuffle_buffer_row_groups > 0, "train.shuffle_buffer_row_groups must be positive"),
+        (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
         (t.lr_scaling in ("global", "linear"), "train.lr_scaling must be global or linear"),
         (t.kmeans_embeddings in ("train_mode", "eval_mode"), "train.kmeans_embeddings must be train_mode or eval_mode"),
         (t.nonfinite in ("stop", "skip"), "train.nonfinite must be stop or skip"),
