@@ -192,11 +192,15 @@ def assert_same_training(run: Path, one_process) -> None:
     params, recs = final(run)
     assert [r["steps"] for r in recs] == [r["steps"] for r in ref]
     assert [r["samples_seen"] for r in recs] == [r["samples_seen"] for r in ref]
-    for key in ("loss", "focal", "kmeans"):
-        # rounding differences, amplified by Adam (tests/test_distributed.py): measured 2.8e-4 after epoch 0
-        np.testing.assert_allclose([r[key] for r in recs], [r[key] for r in ref], rtol=2e-3, err_msg=key)
-    assert abs(recs[-1]["test_acc"] - ref[-1]["test_acc"]) < 0.005
-    np.testing.assert_allclose(params, ref_params, rtol=0, atol=5e-2)  # mu included: the same clusters
+    rel = {k: max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(recs, ref)) for k in ("loss", "focal", "kmeans")}
+    worst = float(np.abs(params - ref_params).max())
+    acc = abs(recs[-1]["test_acc"] - ref[-1]["test_acc"])
+    print(f"{run.name}: relative loss differences {rel}, parameters {worst:.2g}, test accuracy {acc:.4f}")
+    # rounding differences, amplified by Adam (tests/test_distributed.py): 2.8e-4 on the loss after epoch 0;
+    # the small k-means term (0.1 against 20) moves most in relative terms
+    assert rel["loss"] < 2e-3 and rel["focal"] < 2e-3 and rel["kmeans"] < 5e-2, rel
+    assert acc < 0.005
+    assert worst < 5e-2  # mu included: the same clusters in the same order
 
 
 def test_cli_two_ranks_train_like_one_process(uneven, one_process, tmp_path):

@@ -144,10 +144,10 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     rec: dict[str, Any] = {}
 
     def save(state, epoch: int, next_epoch: int, next_step: int) -> None:
-        """Rank 0 writes the state with the iterator state (the next epoch and step) to resume from."""
+        """Rank 0 writes the state, the last completed epoch and the iterator state to resume from."""
         if rt.is_root:
-            host = rt.host_state(state)
-            checkpoint.save(out, host, step=int(host.step), keep=t.keep_checkpoints,
+            h = rt.host_state(state)
+            checkpoint.save(out, h, step=int(h.step), keep=t.keep_checkpoints,
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
                                   "world": rt.world, "replicas": rt.replicas, "engine": rt.engine})
 
@@ -164,9 +164,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         lr = float(learning_rate(int(host.samples_seen) - first * t.batch_size, t, rt.replicas))
         state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight)))
 
-        every = t.checkpoint_every_steps
-        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first,
-                               on_step=(lambda st, s: save(st, epoch - 1, epoch, s)) if every else None)
+        mid_epoch = (lambda st, s: save(st, epoch - 1, epoch, s)) if t.checkpoint_every_steps else None
+        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch)
         host = rt.host_state(state)
         if int(host.nonfinite_steps) > 0:
             msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
