@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ def _load_epoch(run: Path, epoch: int | None):
         return cfg, state, meta
     for p in checkpoint.list_checkpoints(run):
         blob, m = checkpoint.read_verified(p)
-        if int(m["epoch"]) == epoch:
+        if int(m["epoch"]) == epoch and m.get("next", [0, 0])[1] == 0:  # an epoch's end, not mid-epoch
             return cfg, checkpoint.restore(blob, create_state(cfg), p), m
     raise SystemExit(f"{run}: no checkpoint of epoch {epoch} (train with --set train.keep_checkpoints=50)")
 
@@ -144,9 +145,9 @@ def cmd_embed(a: argparse.Namespace) -> dict:
     cfg, state, meta = _load_epoch(a.run, a.epoch)
     rt = setup("single")
     bs = cfg.train.eval_batch_size
-    # --train-part N: every N-th row group of TRAIN only (a 1/N subset, for speed)
-    tr = embed(rt, cfg, state, ParquetDataset(a.train, rank=0, world=a.train_part), train_mode_bn=False, batch=bs)
-    te = embed(rt, cfg, state, ParquetDataset(a.test), train_mode_bn=False, batch=bs)
+    # --train-part N: every N-th batch of TRAIN only (a 1/N subset, for speed)
+    tr = embed(rt, cfg, state, islice(ParquetDataset(a.train).iter_all(bs), 0, None, a.train_part), train_mode_bn=False)
+    te = embed(rt, cfg, state, ParquetDataset(a.test).iter_all(bs), train_mode_bn=False)
     mu = kmeans(tr["z"], cfg.model.num_clusters, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts)
     d = np.sum((te["z"][:, None, :] - mu[None]) ** 2, axis=-1)
     cont = contingency_np(np.argmin(d, 1), te["label"].astype(np.int64), cfg.model.num_clusters, 3)
@@ -165,11 +166,11 @@ def cmd_supervised_data(a: argparse.Namespace) -> dict:
 
     from ucluster_jax.data.schema import ShardWriter
 
-    ds = ParquetDataset(a.data, rank=0, world=a.part)  # --part N: every N-th row group only
+    ds = ParquetDataset(a.data)
     meta = replace(ds.meta, num_targets=3)
     w = ShardWriter(a.out, meta, overwrite=a.overwrite)
     n = 0
-    for b in ds.iter_all(2048):
+    for b in islice(ds.iter_all(2048), 0, None, a.part):  # --part N: every N-th batch only
         keep = b["label"] >= 0
         w.add({"x": b["x"][keep], "target": b["label"][keep], "label": b["label"][keep], "mass": b["mass"][keep]})
         n += int(keep.sum())
@@ -183,7 +184,7 @@ def cmd_supervised(a: argparse.Namespace) -> dict:
 
     cfg, state, meta = _load_epoch(a.run, None)
     rt = setup("single")
-    te = embed(rt, cfg, state, ParquetDataset(a.test), train_mode_bn=False, batch=cfg.train.eval_batch_size)
+    te = embed(rt, cfg, state, ParquetDataset(a.test).iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
     pred = np.argmax(te["logits"], -1)
     y = te["label"].astype(np.int64)
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": float(np.mean(pred == y)),
@@ -200,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("embed")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--epoch", type=int, required=True)
-    s.add_argument("--train-part", type=int, default=1, help="fit k-means on 1/N of TRAIN (every N-th row group)")
+    s.add_argument("--train-part", type=int, default=1, help="fit k-means on 1/N of TRAIN (every N-th evaluation batch)")
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s = sub.add_parser("supervised-data")
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--part", type=int, default=1, help="copy 1/N of the jets (every N-th row group)")
+    s.add_argument("--part", type=int, default=1, help="copy 1/N of the jets (every N-th evaluation batch)")
     s = sub.add_parser("supervised")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)

@@ -53,7 +53,7 @@ def main() -> int:
 
         from ucluster_jax.data.reader import ParquetDataset
 
-        batch = next(iter(ParquetDataset(Path(a.data)).batches(a.batch, seed=0, epoch=0, shuffle=False)))
+        batch = next(ParquetDataset(Path(a.data)).iter_all(a.batch))
     else:
         batch = synthetic_jets(a.batch, cfg.model.num_points)
     batch = jax.device_put(batch)

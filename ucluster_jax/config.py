@@ -79,9 +79,11 @@ class TrainConfig:
     kmeans_iters: int = 100
     kmeans_embeddings: str = "train_mode"  # original: BN with batch statistics; "eval_mode": moving stats
     shuffle: bool = False  # original: no shuffle (files in order); deviation: seeded per-epoch shuffle
-    shuffle_buffer_row_groups: int = 4
-    eval_batch_size: int = 512
+    shuffle_buffer_row_groups: int = 4  # shuffle window: this many row groups' worth over all lanes
+    data_lanes: int = 8  # epoch layout (docs/DATA.md): divides batch_size, a multiple of the processes
+    eval_batch_size: int = 512  # jets per embedding batch: k-means input (with train_mode, BN statistics), scoring
     eval_every_samples: int = 0  # also score --test-data every N joint-phase samples (0: at epoch ends only)
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, count it)
     checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
     keep_checkpoints: int = 3
@@ -237,6 +239,9 @@ def validate(cfg: Config) -> None:
         ("train.kmeans_iters", t.kmeans_iters >= 1, ">= 1"),
         ("train.kmeans_embeddings", t.kmeans_embeddings in ("train_mode", "eval_mode"), "train_mode or eval_mode"),
         ("train.shuffle_buffer_row_groups", t.shuffle_buffer_row_groups >= 1, ">= 1"),
+        ("train.data_lanes", t.data_lanes > 0 and t.batch_size % t.data_lanes == 0,
+         f"> 0 and divide train.batch_size ({t.batch_size})"),
+        ("train.checkpoint_every_steps", t.checkpoint_every_steps >= 0, ">= 0 (0: at epoch ends only)"),
         ("train.nonfinite", t.nonfinite in ("stop", "skip"), "stop or skip"),
         ("train.checksum_every", t.checksum_every >= 0, ">= 0"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 0, ">= 0 (0: keep all)"),

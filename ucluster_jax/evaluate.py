@@ -41,7 +41,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
     cfg, state, meta = load_run(run_dir)
     rt = setup("auto")
     ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
-    o = embed(rt, cfg, state, ds, train_mode_bn=False, batch=cfg.train.eval_batch_size)
+    o = embed(rt, cfg, state, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
     parts = {k: rt.gather_rows(v) for k, v in o.items()}
     if not rt.is_root:
         return {}

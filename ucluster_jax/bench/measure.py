@@ -246,6 +246,7 @@ def bench_data(path: Path, batch: int, *, repeats: int, log) -> dict:
     """parquet -> numpy (reader alone) and parquet -> device (reader + prefetch + device_put)."""
     import jax
 
+    from ucluster_jax.config import TrainConfig
     from ucluster_jax.data.prefetch import prefetch
     from ucluster_jax.data.reader import ParquetDataset
 
@@ -253,14 +254,15 @@ def bench_data(path: Path, batch: int, *, repeats: int, log) -> dict:
     dev = jax.local_devices()[0]
     steps = ds.steps_per_epoch(batch)
     n = steps * batch
+    lanes = TrainConfig().data_lanes
 
     def read_only(epoch):
-        for _b in ds.batches(batch, seed=0, epoch=epoch, shuffle=True):
+        for _b in ds.batches(batch, lanes=lanes, seed=0, epoch=epoch, shuffle=True):
             pass
 
     def to_device(epoch):
         last = None
-        for b in prefetch(ds.batches(batch, seed=0, epoch=epoch, shuffle=True),
+        for b in prefetch(ds.batches(batch, lanes=lanes, seed=0, epoch=epoch, shuffle=True),
                           lambda b: jax.device_put(b, dev)):
             last = b
         jax.block_until_ready(last)
@@ -296,7 +298,7 @@ def bench_e2e(cfg, path: Path, *, repeats: int, log) -> dict:
     rates = []
     for epoch in range(1 + repeats):  # epoch 0 compiles
         with contextlib.redirect_stderr(io.StringIO()):
-            state, rec = run_epoch(rt, cfg, step, state, ds, epoch, B)
+            state, rec = run_epoch(rt, cfg, step, state, ds, epoch)
         if epoch:
             rates.append(rec["jets_per_s"])
     jax.block_until_ready(state)

@@ -205,6 +205,16 @@ def parse_split(text: str | None) -> list[tuple[str, float]] | None:
     return parts
 
 
+def row_group_size_for(jets: int, ranks: int, largest: int) -> int:
+    """Equal row groups, a multiple of `ranks` of them, at least 4 per rank, at most `largest` jets each.
+
+    A rank's rows (N/ranks jets of the epoch's stream) then span whole row groups up to rounding, and it
+    decodes at most 1.5x the jets it trains on (a partly used group at each end).
+    """
+    groups = ranks * max(4, -(-jets // (ranks * largest)))
+    return max(1, -(-jets // groups))
+
+
 def prepare(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -215,17 +225,21 @@ def prepare(
     chunk: int = DEFAULT_CHUNK,
     mass_bins: bool = False,
     overwrite: bool = False,
+    ranks: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Convert inputs to one dataset in `out`, or with `split` to out/<name> parts (first rows first).
 
-    With a split the inputs are read twice (count, then write) so that memory stays bounded.
+    With a split or `ranks` the inputs are read twice (count, then write) so that memory stays bounded;
+    `ranks` sizes each output's row groups for that many training processes (row_group_size_for).
     Returns {'files': [FileReport...], 'outputs': {dir: {'jets': n, 'shards': [paths]}}}.
     """
     if not inputs:
         raise UserError("no input files")
     if chunk < 1:
         raise UserError(f"chunk size must be positive, got {chunk}")
+    if ranks is not None and ranks < 1:
+        raise UserError(f"--ranks must be positive, got {ranks}")
     found = [inspect_input(p) for p in inputs]
     points = {i.num_points for i in found}
     if len(points) > 1:
@@ -240,9 +254,12 @@ def prepare(
         writers = [ShardWriter(d, meta, shard_size=shard_size, row_group_size=row_group_size, overwrite=overwrite)
                    for d in dirs]  # checks the outputs before the (long) reading
         bounds = [np.iinfo(np.int64).max]
-        if split:  # pass 1: count kept jets to place the boundaries
+        if split or ranks:  # pass 1: count kept jets to place the boundaries and size the row groups
             total = sum(len(a["label"]) for a in _iter_inputs(found, chunk, mass_bins)[1])
             bounds = [int(c * total) for c in np.cumsum([f for _, f in parts])[:-1]] + [total]
+            if ranks:
+                for w, n in zip(writers, np.diff([0] + bounds)):
+                    w.resize_row_groups(row_group_size_for(int(n), ranks, row_group_size))
         reports, it = _iter_inputs(found, chunk, mass_bins)
         pos = 0
         for a in it:
@@ -284,6 +301,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help="jets per parquet shard (rounded up to whole row groups)")
     parser.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP_SIZE, help="jets per row group")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="size row groups for this many training processes: equal groups, a multiple of "
+                        "RANKS of them, at least 4 per rank, at most --row-group-size jets (reads the inputs twice)")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="jets read from HDF5 at a time")
     parser.add_argument("--mass-bins", action="store_true",
                         help="prepared-format inputs: recompute the target from masses with fixed bins "
@@ -294,5 +314,5 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     prepare(args.inputs, args.out, split=parse_split(args.split), shard_size=args.shard_size,
             row_group_size=args.row_group_size, chunk=args.chunk, mass_bins=args.mass_bins,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, ranks=args.ranks)
     return 0

@@ -1,8 +1,8 @@
 """Streaming, rank-aware reader of ucluster parquet datasets (docs/DATA.md).
 
-Each rank reads only its own row groups, a few at a time, and every rank derives the same number of
-steps from file metadata alone, so data-parallel training needs no communication to stay in lockstep
-and a run can resume exactly (same seed, epoch, rank, world -> same batches).
+An epoch is the same global batches for any world size (lanes.py); each rank reads only the row
+groups that hold its rows, a window at a time, and derives the number of steps from file metadata
+alone, so ranks stay in lockstep without communicating and a run can resume at any step.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ucluster_jax.data.lanes import Lane, RowRanges, check_lanes, lane_bounds, rank_lanes
 from ucluster_jax.data.schema import SCALAR_COLUMNS, SHARD_GLOB, DatasetMeta
 from ucluster_jax.errors import DataError, UserError
 
@@ -40,6 +41,11 @@ def _check_schema(path: Path, schema: pa.Schema, meta: DatasetMeta) -> None:
                 hint = (f": list size {got.list_size} != num_points*num_features = "
                         f"{meta.num_points}*{meta.num_features} = {meta.particle_size}")
             raise DataError(f"{path}: column '{name}' has type {got}, expected {typ}{hint}")
+
+
+def _close(handles: dict[int, pq.ParquetFile]) -> None:
+    for h in handles.values():
+        h.close()
 
 
 class ParquetDataset:
@@ -85,33 +91,74 @@ class ParquetDataset:
         self.num_jets: int = sum(g.rows for g in self.groups)
         if self.num_jets == 0:
             raise DataError(f"{self.path}: empty dataset (no jets in {len(self.files)} file(s))")
-        if len(self.groups) < world:
-            raise DataError(f"{self.path}: {len(self.groups)} non-empty row group(s) for {world} ranks; every "
-                            "rank needs at least one (rewrite with a smaller --row-group-size)")
 
-    # -- assignment --------------------------------------------------------------------------------
+    # -- one epoch, the same for any world size (lanes.py) ----------------------------------------------
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """Global batches per epoch: floor(num_jets / global_batch), whatever the world size.
+
+        Each of the L lanes holds floor(N/L) or ceil(N/L) jets and gives floor(floor(N/L) / (B/L)) =
+        floor(N/B) chunks, so fewer than B jets (lane tails) are left out of an epoch.
+        """
+        if global_batch < 1:
+            raise UserError(f"global batch size must be positive, got {global_batch}")
+        return self.num_jets // global_batch
+
+    def _stream(self, order: np.ndarray, handles: dict[int, pq.ParquetFile]) -> RowRanges:
+        """The row groups in `order` as one stream of rows (files opened once, into `handles`)."""
+        groups = [self.groups[i] for i in order]
+        return RowRanges([g.rows for g in groups], lambda k: self._read_group(handles, groups[k]))
+
     def _order(self, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
         if seed < 0 or epoch < 0:
             raise UserError(f"seed ({seed}) and epoch ({epoch}) must be non-negative")
         n = len(self.groups)
         return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
-    def rank_row_groups(self, *, seed: int = 0, epoch: int = 0, shuffle: bool = False) -> list[RowGroup]:
-        """This rank's row groups for an epoch: entry i of the (permuted) global list goes to rank i % world."""
-        return [self.groups[i] for i in self._order(seed, epoch, shuffle)[self.rank::self.world]]
+    def read_factor(self) -> float:
+        """Worst case, jets a rank decodes per jet it trains on: its share plus a partly used row group at
+        each end (row groups decode whole). Near 1 when every rank's share spans many row groups."""
+        share = self.num_jets / self.world
+        return (share + 2 * max(g.rows for g in self.groups) - 2) / share if self.world > 1 else 1.0
 
-    def steps_per_epoch(self, local_batch: int, epoch: int = 0) -> int:
-        """Full batches every rank yields in an epoch; the same on all ranks, for any seed and shuffle.
+    def batches(
+        self,
+        global_batch: int,
+        *,
+        lanes: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        buffer_row_groups: int = 4,
+        start_step: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's part of global batches start_step .. steps_per_epoch(global_batch) - 1.
 
-        Rank r gets floor(G/world) or ceil(G/world) of the G row groups; the smallest possible share is
-        the floor(G/world) smallest groups, so that bound fits every assignment. Writers make all row
-        groups full but the dataset's last, so this equals min over ranks of floor(rows_of_rank /
-        local_batch) up to less than one row group. (`epoch` is accepted for a per-epoch policy; unused.)
+        A local batch is the concatenation of the rank's lanes' chunks (global_batch/world jets), so the
+        ranks' batches in rank order are the one-process global batch. Each lane holds a window of
+        buffer_row_groups * (largest row group) / lanes jets and one decoded row group, so a rank
+        holds about buffer_row_groups/world row groups' worth of windows. Starting at a step seeks
+        there: only the windows from that step on are read.
         """
-        if local_batch < 1:
-            raise UserError(f"local batch size must be positive, got {local_batch}")
-        sizes = sorted(g.rows for g in self.groups)
-        return sum(sizes[: len(sizes) // self.world]) // local_batch
+        check_lanes(lanes, global_batch, self.world)
+        if buffer_row_groups < 1:
+            raise UserError(f"buffer_row_groups must be positive, got {buffer_row_groups}")
+        steps = self.steps_per_epoch(global_batch)
+        if not 0 <= start_step <= steps:
+            raise UserError(f"start step {start_step} outside the epoch's 0..{steps} steps")
+        order = self._order(seed, epoch, shuffle)
+        window = max(1, buffer_row_groups * max(g.rows for g in self.groups) // lanes)
+        bounds = lane_bounds(self.num_jets, lanes)
+        handles: dict[int, pq.ParquetFile] = {}
+        # each lane its own stream: a lane's windows share row groups with its next window, not with other lanes
+        mine = [Lane(self._stream(order, handles), *bounds[l], window, [seed, epoch, l] if shuffle else None)
+                for l in rank_lanes(lanes, self.rank, self.world)]
+        chunk = global_batch // lanes
+        try:
+            for s in range(start_step, steps):
+                parts = [lane.rows(s * chunk, (s + 1) * chunk) for lane in mine]
+                yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        finally:
+            _close(handles)
 
     # -- reading -----------------------------------------------------------------------------------
     def _read_group(self, handles: dict[int, pq.ParquetFile], g: RowGroup) -> dict[str, np.ndarray]:
@@ -158,81 +205,33 @@ class ParquetDataset:
                 raise DataError(f"{where}: '{name}' {what} (first bad row {int(np.argmax(bad))})")
         return out
 
-    def batches(
-        self,
-        local_batch: int,
-        *,
-        seed: int,
-        epoch: int,
-        shuffle: bool,
-        buffer_row_groups: int = 4,
-        start_step: int = 0,
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Yield exactly steps_per_epoch(local_batch, epoch) - start_step batches of this rank's rows.
-
-        Streams `buffer_row_groups` row groups at a time (plus fewer than local_batch leftover rows);
-        with shuffle, jets are permuted within that buffer by rng([seed, epoch, rank]). start_step
-        skips the first batches while replaying the same random stream (exact mid-epoch resume).
-        Batches are views of a buffer that is never written again, so they stay valid.
-        """
-        if buffer_row_groups < 1:
-            raise UserError(f"buffer_row_groups must be positive, got {buffer_row_groups}")
-        steps = self.steps_per_epoch(local_batch, epoch)
-        mine = self.rank_row_groups(seed=seed, epoch=epoch, shuffle=shuffle)
-        rng = np.random.default_rng([seed, epoch, self.rank])
-        handles: dict[int, pq.ParquetFile] = {}
-        leftover: dict[str, np.ndarray] | None = None
-        step, pos = 0, 0
-        try:
-            while step < steps:
-                chunk = mine[pos:pos + buffer_row_groups]
-                pos += len(chunk)
-                assert chunk, "steps_per_epoch exceeded this rank's rows"
-                parts = ([leftover] if leftover is not None else []) + [self._read_group(handles, g) for g in chunk]
-                buf = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                del parts
-                n = len(buf["x"])
-                if shuffle:
-                    perm = rng.permutation(n)
-                    buf = {k: v[perm] for k, v in buf.items()}
-                full = min(n // local_batch, steps - step)
-                for b in range(full):
-                    if step >= start_step:
-                        yield {k: v[b * local_batch:(b + 1) * local_batch] for k, v in buf.items()}
-                    step += 1
-                rest = slice(full * local_batch, n)
-                leftover = {k: v[rest].copy() for k, v in buf.items()} if n > full * local_batch else None
-                del buf
-        finally:
-            for h in handles.values():
-                h.close()
-
     def iter_all(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every row of this rank (as read_all), streamed in batches of `batch`; the last may be short.
+        """This rank's block of evaluation batches, unshuffled; nothing is dropped.
 
-        For evaluation and embeddings: nothing is dropped, and ranks may yield different counts.
+        The file-order stream is cut into batches of `batch` jets (the dataset's last one short);
+        rank r gets the contiguous block [r*nb//world, (r+1)*nb//world) of those nb batches. The
+        batches are the same jets for any world size, and gathering in rank order gives file order
+        (k-means++ seeding and BatchNorm with batch statistics depend on both).
         """
         if batch < 1:
             raise UserError(f"batch size must be positive, got {batch}")
+        nb = -(-self.num_jets // batch)
         handles: dict[int, pq.ParquetFile] = {}
-        buf: dict[str, np.ndarray] | None = None
+        stream = self._stream(np.arange(len(self.groups)), handles)
         try:
-            for g in self.rank_row_groups(shuffle=False):
-                part = self._read_group(handles, g)
-                buf = part if buf is None else {k: np.concatenate([buf[k], part[k]]) for k in part}
-                n = len(buf["x"]) // batch * batch
-                for s in range(0, n, batch):
-                    yield {k: v[s:s + batch] for k, v in buf.items()}
-                buf = {k: v[n:] for k, v in buf.items()} if n < len(buf["x"]) else None
-            if buf is not None:
-                yield buf
+            for i in range(self.rank * nb // self.world, (self.rank + 1) * nb // self.world):
+                yield stream.rows(i * batch, min((i + 1) * batch, self.num_jets))
         finally:
-            for h in handles.values():
-                h.close()
+            _close(handles)
 
     def read_all(self) -> dict[str, np.ndarray]:
-        """This rank's row groups (i % world == rank), unshuffled, in file order: evaluation input."""
+        """This rank's rows of iter_all, in file order, in memory (small datasets, tests)."""
         parts = list(self.iter_all(max(g.rows for g in self.groups)))
+        if not parts:  # fewer evaluation batches than ranks
+            m = self.meta
+            parts = [{"x": np.zeros((0, m.num_points, m.num_features), np.float32),
+                      **{k: np.zeros(0, t.to_pandas_dtype()) for k, t in SCALAR_COLUMNS.items()},
+                      **({"global": np.zeros((0, m.num_global), np.float32)} if m.num_global else {})}]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def __repr__(self) -> str:

@@ -133,6 +133,14 @@ class ShardWriter:
         self.num_rows = 0  # jets added so far
         self._done = False
 
+    def resize_row_groups(self, row_group_size: int) -> None:
+        """Change the row-group size before the first add() (prepare --ranks sizes it from the jet count)."""
+        if self.num_rows or row_group_size < 1:
+            raise RuntimeError("row groups are resized only before any jet is added, to a positive size")
+        shard_size = self.groups_per_shard * self.row_group_size
+        self.row_group_size = row_group_size
+        self.groups_per_shard = max(1, -(-shard_size // row_group_size))
+
     def _tmp_name(self, i: int) -> Path:
         return self.out_dir / f".{_shard_name(i)}.{os.getpid()}.tmp"
 

@@ -34,7 +34,12 @@ def lloyd(x: np.ndarray, centres: np.ndarray, iters: int, tol: float = 1e-7) -> 
 
 
 def kmeans(x: np.ndarray, k: int, *, seed: int, restarts: int = 10, iters: int = 100) -> np.ndarray:
-    """Best of `restarts` k-means++ runs by inertia; float64 internally, deterministic for a seed."""
+    """Best of `restarts` k-means++ runs by inertia; float64 internally, deterministic for a seed.
+
+    Embeddings that differ only by float rounding (another world size) must give the same centroids:
+    a later restart wins only if it is better by more than a millionth, and the centroids come out
+    sorted (lexicographically), so two restarts that found the same clusters in another order agree.
+    """
     x = np.asarray(x, np.float64)
     if len(x) < k:
         raise ValueError(f"k-means needs at least {k} embeddings, got {len(x)}")
@@ -42,6 +47,6 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, restarts: int = 10, iters: int =
     best, best_inertia = None, np.inf
     for _ in range(restarts):
         centres, inertia = lloyd(x, kmeans_pp_init(x, k, rng), iters)
-        if inertia < best_inertia:
+        if inertia < best_inertia * (1 - 1e-6):
             best, best_inertia = centres, inertia
-    return best.astype(np.float32)
+    return best[np.lexsort(best.T[::-1])].astype(np.float32)

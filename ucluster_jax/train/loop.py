@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ucluster_jax import checkpoint
-from ucluster_jax.config import Config, config_from_dict, load_config
+from ucluster_jax.config import Config, ConfigError, config_from_dict, load_config
 from ucluster_jax.data.prefetch import prefetch
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import CheckpointError, DataError, UserError
@@ -38,34 +39,47 @@ def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
         raise DataError(f"{path}: data has (points, features, targets) = {have}, the config's model expects {want}")
 
 
+def uneven_read_warning(ds: ParquetDataset, path: Path) -> str | None:
+    """One line when row groups are large against a rank's share: every rank trains on the same number of
+    jets, but decodes whole row groups, so a rank may read far more than it uses."""
+    if ds.read_factor() <= 2:
+        return None
+    return (f"warning: {path}: row groups of up to {max(g.rows for g in ds.groups)} jets for "
+            f"{ds.num_jets // ds.world} jets per rank: a rank may decode {ds.read_factor():.1f}x the jets it "
+            f"trains on; rewrite it with 'ucluster prepare --ranks {ds.world}'")
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_eval(cfg: Config, train_mode_bn: bool):
     """One jitted evaluation function per (config, BN mode): scoring every epoch compiles once."""
     return jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
 
 
-def embed(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset, *, train_mode_bn: bool,
-          batch: int) -> dict[str, np.ndarray]:
-    """Embeddings, distances and labels of this rank's jets, in file order (one device per rank)."""
+def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[dict[str, np.ndarray]], *,
+          train_mode_bn: bool) -> dict[str, np.ndarray]:
+    """Embeddings, distances, logits, labels and masses of `batches` (one device per rank), in order."""
     fn = _compiled_eval(cfg, train_mode_bn)
     dev = rt.devices[0]
     state = jax.device_put(host_state, dev)
     outs: dict[str, list] = {"z": [], "dist": [], "label": [], "mass": [], "logits": []}
-    for b in ds.iter_all(batch):
+    for b in batches:
         o = fn(state, jax.device_put(b["x"], dev), b.get("global"))
         for k in ("z", "dist", "logits"):
             outs[k].append(o[k])
         outs["label"].append(b["label"])
         outs["mass"].append(b["mass"])
-    if not outs["z"]:
-        return {k: np.zeros((0,)) for k in outs}
+    if not outs["z"]:  # a rank without evaluation batches: empty rows of the right widths, for the gathers
+        m = cfg.model
+        width = {"z": m.latent_dim, "dist": m.num_clusters, "logits": m.num_targets}
+        return {k: np.zeros((0, width[k]) if k in width else (0,), np.float32) for k in outs}
     return {k: np.concatenate(jax.device_get(v)) for k, v in outs.items()}
 
 
-def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset, local_batch: int) -> np.ndarray:
-    """Global k-means: every rank embeds its part, rank 0 clusters all of it, the result is broadcast."""
-    z = embed(rt, cfg, host_state, ds, train_mode_bn=cfg.train.kmeans_embeddings == "train_mode",
-              batch=local_batch)["z"]
+def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset) -> np.ndarray:
+    """Global k-means: every rank embeds its block of eval batches, rank 0 clusters all of them (in file
+    order, whatever the world size), the result is broadcast."""
+    z = embed(rt, cfg, host_state, ds.iter_all(cfg.train.eval_batch_size),
+              train_mode_bn=cfg.train.kmeans_embeddings == "train_mode")["z"]
     everything = rt.gather_rows(z)
     mu = None
     if rt.is_root:
@@ -106,43 +120,59 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     """Run (or continue) training; returns the last epoch's record."""
     rt = rt or setup(engine, num_devices=num_devices)
     t = cfg.train
+    if t.data_lanes % rt.world:
+        raise ConfigError(f"train.data_lanes={t.data_lanes} is not a multiple of the {rt.world} processes")
     ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
     check_data(cfg, ds, data)
     test_ds = ParquetDataset(test_data, rank=rt.rank, world=rt.world) if test_data else None
-    local_batch = rt.local_batch(t.batch_size)
+    rt.local_batch(t.batch_size)  # checks that the replicas divide the global batch
+    warning = uneven_read_warning(ds, data)
+    if rt.is_root and warning:
+        print(warning, file=sys.stderr, flush=True)
     out = Path(out)
     if rt.is_root:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
 
     host = create_state(cfg)
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     if resume:
-        host, start_epoch = resume_state(rt, cfg, out, host)
+        host, start_epoch, start_step = resume_state(rt, cfg, out, host)
     state = rt.put_state(host)
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
     step_fn = rt.make_step(cfg)
-    steps = ds.steps_per_epoch(local_batch)
+    steps = ds.steps_per_epoch(t.batch_size)
     log = Logger(out, rt.is_root)
     rec: dict[str, Any] = {}
 
+    def save(state, epoch: int, next_epoch: int, next_step: int) -> None:
+        """Rank 0 writes the state, the last completed epoch and the iterator state to resume from."""
+        if rt.is_root:
+            h = rt.host_state(state)
+            checkpoint.save(out, h, step=int(h.step), keep=t.keep_checkpoints,
+                            meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
+                                  "world": rt.world, "replicas": rt.replicas, "engine": rt.engine})
+
     for epoch in range(start_epoch, t.epochs):
+        first = start_step if epoch == start_epoch else 0
         host = rt.host_state(state)
-        if epoch == t.pretrain_epochs:
-            mu = init_centroids(rt, cfg, host, ds, local_batch)
+        if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
+            mu = init_centroids(rt, cfg, host, ds)
             host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
             if rt.is_root:
                 print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}", flush=True)
         alpha, weight, joint_lr = phase(cfg, epoch)
-        lr = float(learning_rate(host.samples_seen, t, rt.replicas, joint_lr))  # at the epoch's first step
+        # at the epoch's first step
+        lr = float(learning_rate(int(host.samples_seen) - first * t.batch_size, t, rt.replicas, joint_lr))
         state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight),
                                           joint_lr=jnp.float32(joint_lr)))
 
+        mid_epoch = (lambda st, s: save(st, epoch - 1, epoch, s)) if t.checkpoint_every_steps else None
         score = None
-        if test_ds is not None and epoch >= t.pretrain_epochs:
+        if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
             score = functools.partial(score_point, rt, cfg, test_ds, log, epoch=epoch, alpha=alpha,
                                       joint_start=t.pretrain_epochs * steps * t.batch_size)
-        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, local_batch, score=score)
+        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
         host = rt.host_state(state)
         if int(host.nonfinite_steps) > 0:
             msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
@@ -152,29 +182,31 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                 raise UserError(f"{msg}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
             rec["nonfinite_skipped"] = int(host.nonfinite_steps)
         rt.check_replicas(state, f"epoch {epoch}")
-        if score is not None:  # clusters exist once the centroids do
+        if score is not None:
             rec.update(score(host))
         rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
-        if rt.is_root:
-            checkpoint.save(out, host, step=int(host.step), keep=t.keep_checkpoints,
-                            meta={"epoch": epoch, "config": cfg.to_dict(), "world": rt.world, "replicas": rt.replicas,
-                                  "engine": rt.engine})
+        if first:
+            rec["resumed_at_step"] = first
+        save(state, epoch, epoch + 1, 0)
         log.epoch(rec)
     return rec
 
 
-def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, local_batch: int,
-              score=None):
-    """One epoch of steps; `score(host_state)` also runs every train.eval_every_samples (joint phase)."""
-    steps = ds.steps_per_epoch(local_batch, epoch)
-    every = max(1, cfg.train.eval_every_samples // cfg.train.batch_size) if cfg.train.eval_every_samples else 0
+def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, *, start_step: int = 0,
+              on_step: Callable[[Any, int], None] | None = None, score: Callable[[TrainState], dict] | None = None):
+    """Steps start_step.. of an epoch; on_step(state, s) after every train.checkpoint_every_steps-th step
+    s inside it, score(host state) every train.eval_every_samples. The record's losses average the steps
+    run here."""
+    t = cfg.train
+    every = max(1, t.eval_every_samples // t.batch_size) if t.eval_every_samples else 0
+    steps = ds.steps_per_epoch(t.batch_size)
     if steps == 0:
-        raise DataError(f"{ds.path}: fewer jets per rank than the batch ({local_batch}); nothing to train on")
-    bar = Progress(steps * local_batch * rt.world, "jets", f"epoch {epoch}", enabled=rt.is_root)
+        raise DataError(f"{ds.path}: {ds.num_jets} jets, fewer than one global batch ({t.batch_size})")
+    bar = Progress((steps - start_step) * t.batch_size, "jets", f"epoch {epoch}", enabled=rt.is_root)
     sums = None
     per_batch = []
-    batches = ds.batches(local_batch, seed=cfg.train.seed, epoch=epoch, shuffle=cfg.train.shuffle,
-                         buffer_row_groups=cfg.train.shuffle_buffer_row_groups)
+    batches = ds.batches(t.batch_size, lanes=t.data_lanes, seed=t.seed, epoch=epoch, shuffle=t.shuffle,
+                         buffer_row_groups=t.shuffle_buffer_row_groups, start_step=start_step)
     n = 0
     for batch in prefetch(batches, rt.put_batch):
         state, m = step_fn(state, batch)
@@ -182,23 +214,27 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         per_batch.append(m.pop("contingency"))
         sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
         n += 1
-        if score is not None and every and n % every == 0 and n < steps:
+        s = start_step + n
+        if rt.replicas > 1 and t.checksum_every and n % t.checksum_every == 0:
+            rt.check_replicas(state, f"epoch {epoch} step {s}")
+        if on_step is not None and s % t.checkpoint_every_steps == 0 and s < steps:
+            on_step(state, s)
+        if score is not None and every and s % every == 0 and s < steps:
             score(rt.host_state(state))
-        if rt.replicas > 1 and cfg.train.checksum_every and n % cfg.train.checksum_every == 0:
-            rt.check_replicas(state, f"epoch {epoch} step {n}")
         if bar.due():
             jax.block_until_ready(sums["loss"])
-            bar.update(n * local_batch * rt.world)
+            bar.update(n * t.batch_size)
     jax.block_until_ready(state)
     bar.close()
-    if n != steps:
-        raise DataError(f"{ds.path}: rank {rt.rank} read {n} batches in epoch {epoch}, expected {steps}")
+    if start_step + n != steps:
+        raise DataError(f"{ds.path}: rank {rt.rank} read {n} batches in epoch {epoch} from step {start_step}, "
+                        f"expected {steps - start_step}")
     host_sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-    rate = n * local_batch * rt.world / (time.perf_counter() - bar.start)
+    rate = n * t.batch_size / (time.perf_counter() - bar.start)
     cont = rt.sum(np.stack(jax.device_get(per_batch)).astype(np.int64))  # [steps, K, C], all ranks
     loss_parts = rt.sum(np.array([host_sums["loss"], host_sums["focal"], host_sums["kmeans"]])) / (n * rt.replicas)
     rec = {"loss": loss_parts[0], "focal": loss_parts[1], "kmeans": loss_parts[2], "jets_per_s": rate, "steps": n}
-    if cfg.train.pretrain_epochs <= epoch and cont.sum() > 0:
+    if t.pretrain_epochs <= epoch and cont.sum() > 0:
         rec["train_acc"] = matched_accuracy(cont.sum(0))[0]
         rec["train_acc_per_batch"] = per_batch_accuracy(cont)
     return state, rec
@@ -207,15 +243,13 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
 def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, *, alpha: float,
                    prefix: str) -> dict:
     """Globally matched accuracy and the Deep k-Means loss (at `alpha`) of a labelled split, all ranks."""
-    o = embed(rt, cfg, host, ds, train_mode_bn=False, batch=cfg.train.eval_batch_size)
+    o = embed(rt, cfg, host, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
     k = cfg.model.num_clusters
-    if len(o["z"]):
-        cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, 3)
-        d = o["dist"].astype(np.float64)
-        w = np.exp(-alpha * (d - d.min(-1, keepdims=True)))
-        km = np.array([np.sum(np.sum(w / w.sum(-1, keepdims=True) * d, -1)), len(d)])
-    else:
-        cont, km = np.zeros((k, 3), np.int64), np.zeros(2)
+    cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, 3) if len(o["z"]) \
+        else np.zeros((k, 3), np.int64)
+    d = o["dist"].astype(np.float64)
+    w = np.exp(-alpha * (d - d.min(-1, keepdims=True))) if len(d) else d
+    km = np.array([np.sum(w / w.sum(-1, keepdims=True) * d) if len(d) else 0.0, len(d)])
     cont, km = rt.sum(cont), rt.sum(km)
     return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None,
             f"{prefix}_kmeans": float(km[0] / km[1]) if km[1] else None}
@@ -231,8 +265,11 @@ def score_point(rt: Runtime, cfg: Config, ds: ParquetDataset, log: Logger, host:
     return rec
 
 
-def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int]:
-    """Rank 0 reads and verifies the newest intact checkpoint; everyone gets the same bytes."""
+def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int, int]:
+    """Rank 0 reads and verifies the newest intact checkpoint; everyone gets the same bytes.
+
+    Returns the state and where to continue: (epoch, step within it), the checkpoint's iterator state
+    (checkpoints without one were written at epoch ends)."""
     def same_model(path: Path, meta: dict[str, Any]) -> None:
         try:
             model = config_from_dict(meta["config"], f"{path} config").model
@@ -254,7 +291,8 @@ def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> t
     state, meta, err = rt.bcast(payload)
     if err:
         raise CheckpointError(err)
-    return state, int(meta["epoch"]) + 1
+    epoch, step = meta.get("next", [int(meta["epoch"]) + 1, 0])
+    return state, int(epoch), int(step)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -268,10 +306,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="data-parallel engine (auto: mpi under mpirun, local with several devices)")
     p.add_argument("--devices", type=int, help="local devices to use (default: all GPUs, one CPU)")
+    p.add_argument("--checkpoint-every-steps", type=int, metavar="N",
+                   help="also checkpoint every N steps within an epoch, for mid-epoch --resume "
+                   "(= --set train.checkpoint_every_steps=N)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    every = [] if args.checkpoint_every_steps is None else [f"train.checkpoint_every_steps={args.checkpoint_every_steps}"]
+    cfg = load_config(args.config, args.overrides + every)
     train(cfg, args.data, args.out, test_data=args.test_data, resume=args.resume, engine=args.engine,
           num_devices=args.devices)
     return 0

@@ -1,0 +1,264 @@
+"""Distributed data equals one process (issue 18): every world size sees the same global batches.
+
+Reader tests simulate ranks with ParquetDataset(rank=, world=); the training tests run the real CLI
+in one process and under a real mpirun on real parquet with uneven row groups.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from conftest import BIN, REPO, mpirun
+from test_reliability_mpi import rank_pids
+from ucluster_jax import checkpoint
+from ucluster_jax.config import load_config
+from ucluster_jax.data.prepare import prepare, row_group_size_for
+from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.data.schema import DatasetMeta, write_shards
+from ucluster_jax.data.toy import write_hls4ml_h5, write_toy
+from ucluster_jax.train.loop import uneven_read_warning
+from ucluster_jax.train.state import create_state
+
+META = DatasetMeta(num_points=4, num_features=2, feature_names=("a", "b"))
+
+
+def id_dataset(path: Path, n: int, row_group_size: int) -> Path:
+    """n jets whose mass is their id (row in file order), in row groups of row_group_size (the last short)."""
+    ids = np.arange(n)
+    x = np.broadcast_to(ids[:, None, None], (n, 4, 2)).astype(np.float32)
+    write_shards(path, {"x": x, "target": (ids % 20).astype(np.int32), "label": (ids % 3).astype(np.int32),
+                        "mass": ids.astype(np.float32)}, META, shard_size=3 * row_group_size,
+                 row_group_size=row_group_size)
+    return path
+
+
+def global_batches(path: Path, world: int, batch: int, **kw) -> list[np.ndarray]:
+    """The ids of each step's global batch: the ranks' local batches concatenated in rank order."""
+    per_rank = [[b["mass"].astype(np.int64) for b in ParquetDataset(path, rank=r, world=world).batches(batch, **kw)]
+                for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1  # every rank runs the same number of steps
+    return [np.concatenate(step) for step in zip(*per_rank)]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_world_size_sees_the_same_global_batches(tmp_path, shuffle):
+    d = id_dataset(tmp_path / "ds", 7 * 300 + 77, 300)  # 8 row groups in 3 shards, the last one short
+    kw = dict(lanes=8, seed=4, epoch=3, shuffle=shuffle, buffer_row_groups=2)
+    ref = global_batches(d, 1, 64, **kw)
+    assert len(ref) == 2177 // 64
+    flat = np.concatenate(ref)
+    assert len(np.unique(flat)) == len(flat) >= 2177 - 64  # fewer than one global batch left out
+    for world in (2, 4, 8):
+        got = global_batches(d, world, 64, **kw)
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)  # the same jets, even in the same order
+    if shuffle:  # a new order every epoch
+        other = global_batches(d, 2, 64, **{**kw, "epoch": 4})
+        assert not all(np.array_equal(a, b) for a, b in zip(other, ref))
+
+
+def test_issue_dataset_keeps_every_batch_under_two_ranks(tmp_path):
+    """The issue's numbers: 6 row groups of 2048 and one of 1166 (13,454 jets), batch 128. Dealing whole
+    row groups gave rank 0 three and rank 1 four, and both stopped at 82 steps (10,496 jets)."""
+    d = id_dataset(tmp_path / "ds", 6 * 2048 + 1166, 2048)
+    assert [g.rows for g in ParquetDataset(d).groups] == [2048] * 6 + [1166]
+    for world in (1, 2):
+        ranks = [ParquetDataset(d, rank=r, world=world) for r in range(world)]
+        assert ranks[0].steps_per_epoch(128) == 105
+        for ds in ranks:
+            n = sum(1 for _ in ds.batches(128, lanes=8, seed=0, epoch=0, shuffle=True))
+            assert n == 105, f"world {world} rank {ds.rank}: {n} steps"  # old dealing: 82
+
+
+def test_a_rank_reads_only_the_row_groups_holding_its_rows(tmp_path, monkeypatch):
+    d = id_dataset(tmp_path / "ds", 16 * 100 + 30, 100)
+    read: list[int] = []
+    orig = ParquetDataset._read_group
+
+    def spy(self, handles, g):
+        read.append(self.groups.index(g))
+        return orig(self, handles, g)
+
+    monkeypatch.setattr(ParquetDataset, "_read_group", spy)
+    for rank in range(4):
+        ds = ParquetDataset(d, rank=rank, world=4)
+        read.clear()
+        for _ in ds.batches(64, lanes=8, seed=1, epoch=2, shuffle=True, buffer_row_groups=2):
+            pass
+        order = ds._order(1, 2, True)
+        starts = np.cumsum([0] + [ds.groups[i].rows for i in order])
+        lo, hi = rank * ds.num_jets // 4, (rank + 1) * ds.num_jets // 4
+        holding = {int(order[k]) for k in range(len(order)) if starts[k] < hi and starts[k + 1] > lo}
+        assert set(read) == holding
+        assert len(read) <= len(holding) + 2 * 2  # each group decoded once per lane it overlaps (2 lanes)
+
+
+def test_evaluation_batches_do_not_depend_on_the_world(tmp_path):
+    d = id_dataset(tmp_path / "ds", 5 * 70 + 13, 70)
+    ref = [b["mass"] for b in ParquetDataset(d).iter_all(48)]
+    for world in (2, 3, 5):
+        got = [b["mass"] for r in range(world) for b in ParquetDataset(d, rank=r, world=world).iter_all(48)]
+        assert len(got) == len(ref) and all(np.array_equal(a, b) for a, b in zip(got, ref))
+
+
+# -- prepare --ranks and the warning ------------------------------------------------------------------
+def test_prepare_ranks_sizes_row_groups_for_the_ranks(tmp_path):
+    h5 = tmp_path / "in.h5"
+    write_hls4ml_h5(h5, 3000, 1)
+    res = prepare([h5], tmp_path / "out", ranks=3, row_group_size=2048, split=[("train", 0.7), ("test", 0.3)],
+                  log=lambda s: None)
+    for name, o in res["outputs"].items():
+        ds = ParquetDataset(name, world=3)
+        sizes = [g.rows for g in ds.groups]
+        assert len(sizes) % 3 == 0 and len(sizes) >= 12, sizes
+        assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]
+        assert ds.read_factor() <= 1.5 and uneven_read_warning(ds, Path(name)) is None
+    assert row_group_size_for(40 * 2048, 4, 2048) == 2048  # 40 full groups: 10 per rank
+    assert row_group_size_for(40 * 2048 + 1, 4, 2048) == -(-(40 * 2048 + 1) // 44)  # 11 per rank
+    assert row_group_size_for(100, 4, 2048) == 7  # at least 4 per rank
+    # one big row group per rank: the warning names the data and the fix, in one line
+    big = id_dataset(tmp_path / "big", 1000, 600)
+    line = uneven_read_warning(ParquetDataset(big, world=2), big)
+    assert line and "\n" not in line and str(big) in line and "--ranks 2" in line
+
+
+# -- training: 1 process vs 2 ranks vs 2 devices vs 2 ranks x 2 devices ------------------------------
+TINY = ["model.num_points=10", "model.k=3", "model.conv1_widths=[8,8]", "model.conv2_widths=[8,8]",
+        "model.head_widths=[8,8]", "model.gap1_width=4", "model.gap2_width=8", "train.batch_size=32",
+        "train.epochs=3", "train.pretrain_epochs=1", "train.kmeans_restarts=2", "train.kmeans_iters=10",
+        "train.shuffle=true", "train.lr_decay_samples=20000", "train.eval_batch_size=100",
+        "train.kmeans_embeddings=train_mode"]
+
+
+def ucluster_args(data: Path, test: Path, out: Path, *extra: str) -> list[str]:
+    sets = [a for o in TINY for a in ("--set", o)]
+    return [str(BIN / "ucluster"), "train", "--config", str(REPO / "configs/demo.yaml"), "--data", str(data),
+            "--test-data", str(test), "--out", str(out), *sets, *extra]
+
+
+def env_with(devices: int = 1) -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def final(run: Path) -> tuple[np.ndarray, list[dict]]:
+    cfg = load_config(REPO / "configs/demo.yaml", TINY)
+    state, _ = checkpoint.load_latest(run, jax.device_get(create_state(cfg)))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return np.asarray(ravel_pytree(state.params)[0]), recs
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("uneven")
+    write_toy(root / "train", 1000, 7, num_points=10, row_group_size=96)  # 10 groups of 96, one of 40
+    write_toy(root / "test", 300, 8, num_points=10, row_group_size=70)
+    return root / "train", root / "test"
+
+
+def launch(log: Path, cmd: list[str], devices: int = 1) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env_with(devices), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def finished(p: subprocess.Popen, log: Path) -> None:
+    assert p.wait(timeout=1200) == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process(uneven, tmp_path_factory) -> Path:
+    """`ucluster train` in one process, launched in the background: the reference of the tests below."""
+    root = tmp_path_factory.mktemp("one")
+    p = launch(root / "log", ucluster_args(*uneven, root / "run"))
+    yield p, root
+    p.kill()
+
+
+def assert_same_training(run: Path, one_process) -> None:
+    p, root = one_process
+    finished(p, root / "log")
+    ref_params, ref = final(root / "run")
+    assert [r["steps"] for r in ref] == [1000 // 32] * 3  # old dealing under 2 ranks: 2 x 4 groups of 96 -> 24
+    params, recs = final(run)
+    assert [r["steps"] for r in recs] == [r["steps"] for r in ref]
+    assert [r["samples_seen"] for r in recs] == [r["samples_seen"] for r in ref]
+    rel = {k: max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(recs, ref)) for k in ("loss", "focal", "kmeans")}
+    worst = float(np.abs(params - ref_params).max())
+    acc = abs(recs[-1]["test_acc"] - ref[-1]["test_acc"])
+    print(f"{run.name}: relative loss differences {rel}, parameters {worst:.2g}, test accuracy {acc:.4f}")
+    # rounding differences, amplified by Adam (tests/test_distributed.py): 2.8e-4 on the loss after epoch 0;
+    # the small k-means term (0.1 against 20) moves most in relative terms
+    assert rel["loss"] < 5e-3 and rel["focal"] < 5e-3 and rel["kmeans"] < 5e-2, rel  # measured: 2.4e-3 at most
+    # measured 0.010 (3 of 300 jets) for 2 ranks on this 3-epoch tiny model; the issue's old dealing: 0.069
+    assert acc < 0.02
+    assert worst < 5e-2  # mu included: the same clusters in the same order
+
+
+def test_cli_two_ranks_train_like_one_process(uneven, one_process, tmp_path):
+    two = mpirun(2, *ucluster_args(*uneven, tmp_path / "run"), env=env_with(), timeout=1200)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "warning" not in two.stderr
+    assert_same_training(tmp_path / "run", one_process)
+
+
+def test_cli_two_devices_and_two_ranks_x_two_devices_train_like_one_process(uneven, one_process, tmp_path):
+    local = launch(tmp_path / "devices.log", ucluster_args(*uneven, tmp_path / "devices", "--devices", "2"), 2)
+    hybrid = mpirun(2, *ucluster_args(*uneven, tmp_path / "hybrid", "--engine", "hybrid"), env=env_with(2),
+                    timeout=1200)
+    assert hybrid.returncode == 0, hybrid.stdout[-2000:] + hybrid.stderr[-3000:]
+    finished(local, tmp_path / "devices.log")
+    assert_same_training(tmp_path / "devices", one_process)
+    assert_same_training(tmp_path / "hybrid", one_process)
+
+
+# -- mid-epoch resume ---------------------------------------------------------------------------------
+def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    data, test = tmp_path / "data", tmp_path / "test"
+    write_toy(data, 1500, 3, num_points=10, row_group_size=1500)  # two row groups, 1500 and 548 jets:
+    write_toy(data / "b", 548, 5, num_points=10)  # a rank decodes up to 2x its share; the warning shows
+    (data / "b" / "part-00000.parquet").rename(data / "part-00001.parquet")
+    write_toy(test, 100, 4, num_points=10, row_group_size=100)
+    killed, ref = tmp_path / "killed", tmp_path / "ref"
+    args = ["--checkpoint-every-steps", "5", "--set", "train.epochs=2", "--set", "train.keep_checkpoints=100"]
+    cmd = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2",
+           *ucluster_args(data, test, killed, *args)]
+    p = subprocess.Popen(cmd, env=env_with(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / "reference.log", "w")
+    reference = subprocess.Popen([*cmd[:5], *ucluster_args(data, test, ref, *args)], env=env_with(), stdout=log,
+                                 stderr=subprocess.STDOUT)
+    first = killed / "checkpoints" / f"ckpt-{10:010d}.json"  # epoch 0 (64 steps), step 10
+    deadline = time.monotonic() + 1200
+    pids: dict[int, int] = {}
+    while len(pids) < 2 or not first.exists():
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint"
+        pids = pids if len(pids) == 2 else rank_pids(p.pid)
+        time.sleep(0.01)
+    for pid in pids.values():  # both ranks, at once
+        os.kill(pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert err.count("warning:") == 1 and f"{data}: row groups of up to 1500 jets" in err
+    last = checkpoint.list_checkpoints(killed)[-1]
+    meta = json.loads(last.with_suffix(".json").read_text())
+    assert meta["next"][0] == 0 and 10 <= meta["next"][1] < 2048 // 32, meta  # killed inside epoch 0
+
+    resumed = mpirun(2, *ucluster_args(data, test, killed, *args, "--resume"), env=env_with(), timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert reference.wait(timeout=1200) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    a, recs_a = final(killed)
+    b, recs_b = final(ref)
+    assert recs_a[0]["resumed_at_step"] == meta["next"][1] and recs_a[0]["steps"] == 64 - meta["next"][1]
+    assert recs_a[-1]["step"] == recs_b[-1]["step"] == 2 * 64
+    np.testing.assert_array_equal(a, b)  # the same world size: the same numbers
+    assert recs_a[-1]["test_acc"] == recs_b[-1]["test_acc"]
