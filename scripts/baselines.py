@@ -7,6 +7,10 @@
     python scripts/baselines.py embed --run RUN --epoch E --train TRAIN --test TEST [--train-part N] [--json OUT]
         k-means (k=3, k-means++ 10 restarts) on the 3-d embedding of the checkpoint written after
         epoch E (the last focal-only epoch), fitted on TRAIN embeddings, applied to TEST embeddings.
+    python scripts/baselines.py bn --run RUN --epoch E --train TRAIN --test TEST [--batches N] [--json OUT]
+        the test accuracy of the checkpoint of epoch E with its moving-average BatchNorm statistics (what
+        `evaluate` uses), with statistics recomputed over N training batches (precise BN), and the
+        distances between its centroids.
     python scripts/baselines.py supervised-data --data IN --out OUT [--part N]
         a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top), num_targets=3.
     python scripts/baselines.py supervised --run RUN --test TEST [--json OUT]
@@ -161,6 +165,39 @@ def cmd_embed(a: argparse.Namespace) -> dict:
             "accuracy_kmeans_fitted_on_test": acc_te, "n_train": int(len(tr["z"])), "n_test": int(len(te["z"]))}
 
 
+def cmd_bn(a: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from ucluster_jax.model.networks import UCluster
+    from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.loop import embed
+
+    cfg, state, meta = _load_epoch(a.run, a.epoch)
+    rt = setup("single")
+    test = ParquetDataset(a.test)
+
+    def accuracy(st) -> float:
+        o = embed(rt, cfg, st, test.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
+        return matched_accuracy(contingency_np(np.argmin(o["dist"], 1), o["label"].astype(np.int64), 3, 3))[0]
+
+    model = UCluster(cfg.model)
+    batch_stats = jax.jit(lambda st, x: model.apply({"params": st.params, "batch_stats": st.batch_stats}, x,
+                                                    train=True, decay=0.0, mutable=["batch_stats"])[1]["batch_stats"])
+    total, n = None, 0
+    for b in islice(ParquetDataset(a.train).batches(cfg.train.batch_size, lanes=cfg.train.data_lanes, seed=1,
+                                                    epoch=0, shuffle=True), a.batches):
+        s = batch_stats(state, b["x"])
+        total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
+        n += 1
+    precise = state.replace(batch_stats=jax.tree_util.tree_map(lambda v: v / n, total))
+    mu = np.asarray(state.params["mu"], np.float64)
+    return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy_moving_average_bn": accuracy(state),
+            "accuracy_precise_bn": accuracy(precise), "precise_bn_batches": n,
+            "centroid_distances": np.sqrt(((mu[:, None] - mu[None]) ** 2).sum(-1)).round(4).tolist(),
+            "centroids": mu.round(4).tolist()}
+
+
 def cmd_supervised_data(a: argparse.Namespace) -> dict:
     from dataclasses import replace
 
@@ -204,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train-part", type=int, default=1, help="fit k-means on 1/N of TRAIN (every N-th evaluation batch)")
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
+    s = sub.add_parser("bn")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--epoch", type=int, required=True)
+    s.add_argument("--train", type=Path, required=True)
+    s.add_argument("--test", type=Path, required=True)
+    s.add_argument("--batches", type=int, default=100, help="training batches for the precise statistics")
     s = sub.add_parser("supervised-data")
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
@@ -215,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sub.choices.values():
         s.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    res = {"mass": cmd_mass, "embed": cmd_embed, "supervised-data": cmd_supervised_data,
+    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "supervised-data": cmd_supervised_data,
            "supervised": cmd_supervised}[a.cmd](a)
     text = json.dumps(res, indent=1)
     if a.json:
