@@ -9,7 +9,7 @@ OUT=${1:?usage: wztop_cpu_check.sh OUT [TRAIN_SEED] [TEST_SEED] [PT_MIN] [PT_MAX
 TRAIN_SEED=${2:-201}; TEST_SEED=${3:-202}; PT_MIN=${4:-850}; PT_MAX=${5:-1250}
 shift $(( $# < 5 ? $# : 5 ))
 mkdir -p "$OUT"
-stage() { local t0=$SECONDS; "$@"; echo "[$(( SECONDS - t0 )) s] $*" | tee -a "$OUT/times.txt"; }
+stage() { local t0=$SECONDS; "$@"; echo "[$(( SECONDS - t0 )) s] $1 $2" | tee -a "$OUT/times.txt"; }
 stage ucluster generate --out "$OUT/h5/train" --jets 68000 --seed "$TRAIN_SEED" --pt-min "$PT_MIN" --pt-max "$PT_MAX" \
   --workers 2 --overwrite --quiet
 stage ucluster generate --out "$OUT/h5/test" --jets 16500 --seed "$TEST_SEED" --pt-min "$PT_MIN" --pt-max "$PT_MAX" \
