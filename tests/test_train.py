@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from conftest import BIN, REPO, TINY
+from conftest import BIN, REPO, TINY, shared_file
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
 from ucluster_jax.original_log import read_log
@@ -75,7 +75,7 @@ def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
 
 def test_original_log_on_the_joint_sample_axis():
     """shared/original_ucluster_ckpt/log_dkm.txt: the 81 % run's accuracy per epoch (SPEC section 3)."""
-    recs = read_log(REPO.parent / "shared" / "original_ucluster_ckpt" / "log_dkm.txt")
+    recs = read_log(shared_file("original_ucluster_ckpt/log_dkm.txt"))
     assert [r["epoch"] for r in recs] == list(range(200))
     by = {r["epoch"]: r for r in recs}
     assert by[20]["joint_samples"] is None and by[20]["lr"] == pytest.approx(1e-5)
@@ -90,9 +90,7 @@ def run_cli(*args, timeout=600):
 
 def test_cli_prepare_train_evaluate_on_foreign_hls4ml_files(tmp_path):
     """Files written by a generator outside this project go through prepare, train and evaluate unedited."""
-    sample = REPO.parent / "shared" / "samples" / "pythia_wztop_600.h5"
-    if not sample.exists():
-        pytest.skip("shared sample not present")
+    sample = shared_file("samples/pythia_wztop_600.h5")
     r = run_cli("prepare", str(sample), "--out", str(tmp_path / "data"), "--split", "train=0.8,test=0.2",
                 "--row-group-size", "64")
     assert r.returncode == 0, r.stderr
