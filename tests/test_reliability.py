@@ -99,9 +99,10 @@ def test_resume_with_incompatible_config_is_a_clear_error(tmp_path, toy10):
     with pytest.raises(CheckpointError, match=r"different model configuration: latent_dim 3 \(config: 4\)") as e:
         train(other, toy10, tmp_path, resume=True, engine="single")
     assert "ckpt-0000000006.msgpack" in str(e.value)
-    # a world size that does not divide the global batch: refused before anything is loaded or written
+    # a world size that the data lanes (and the global batch) cannot be split over: refused before
+    # anything is loaded or written
     rt3 = Runtime("mpi", rank=0, world=3, comm=None)
-    with pytest.raises(UserError, match="global batch 32 is not divisible by 3 replicas"):
+    with pytest.raises(UserError, match="train.data_lanes=8 is not a multiple of the 3 processes"):
         train(cfg, toy10, tmp_path / "w3", resume=True, rt=rt3)
     assert not (tmp_path / "w3").exists()
     # nothing to resume from

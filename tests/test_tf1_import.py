@@ -233,8 +233,8 @@ def test_train_resume_accepts_the_import(imported, cfg, tmp_path):
     from ucluster_jax.train.loop import resume_state
 
     import_tf1(CKPT, cfg, tmp_path / "run", epoch=150)
-    resumed, start = resume_state(setup("single"), cfg, tmp_path / "run", jax.device_get(imported[0]))
-    assert start == 151 and int(resumed.step) == 118_200 and float(resumed.alpha) == 5 * (150 - 21 + 2)
+    resumed, start, step = resume_state(setup("single"), cfg, tmp_path / "run", jax.device_get(imported[0]))
+    assert (start, step) == (151, 0) and int(resumed.step) == 118_200 and float(resumed.alpha) == 5 * (150 - 21 + 2)
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
