@@ -8,7 +8,7 @@ settings are compared by setting them on the command line:
     python scripts/profile_step.py 512                                   # as started
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 XLA_FLAGS=--xla_cpu_prefer_vector_width=512 \
         python scripts/profile_step.py 512 --layers                      # as `ucluster` runs
-    git worktree add /tmp/old 1ffd2a1 && (cd /tmp/old && PYTHONPATH=/tmp/old \
+    git worktree add "$OLD" 1ffd2a1 && (cd "$OLD" && PYTHONPATH="$OLD" \
         python /path/to/scripts/profile_step.py 512)                     # an older model, same script
 
 Prints jets/s (median and best step: on a shared virtual machine the best is the steadier figure

@@ -5,7 +5,7 @@ Writes toy jets (100 points x 8 features, 3.2 kB per jet uncompressed) in chunks
 limit is a fraction of the dataset's uncompressed size, and reports the peak memory the cgroup saw.
 A job that loaded the dataset would be killed by the OOM killer.
 
-    python scripts/streaming_check.py --jets 400000 --limit-mb 900 --work /tmp/streaming
+    python scripts/streaming_check.py --jets 400000 --limit-mb 900 --work "$SCRATCH/streaming"
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jets", type=int, default=400_000)
     ap.add_argument("--limit-mb", type=int, default=900)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ucluster-streaming"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ucluster-streaming")
     a = ap.parse_args()
     data = a.work / "data"
     if not data.exists():

@@ -4,9 +4,9 @@
 NOT part of the package and NOT a project dependency: it needs TensorFlow (2.x with
 ``tf.compat.v1``), numpy and h5py in a separate, throwaway environment, e.g.
 
-    python3.11 -m venv /tmp/tfvenv
-    /tmp/tfvenv/bin/pip install tensorflow-cpu numpy h5py
-    /tmp/tfvenv/bin/python scripts/tf1_reference.py            # writes tests/data/tf1_reference.npz
+    python3.11 -m venv "$TFVENV"                   # TFVENV: a throwaway folder
+    "$TFVENV"/bin/pip install tensorflow-cpu numpy h5py
+    "$TFVENV"/bin/python scripts/tf1_reference.py            # writes tests/data/tf1_reference.npz
 
 It rebuilds the multiclass network of the original UCluster code (models/gapnet_classify.py,
 gat_layers.attn_feature and utils/tf_util.py of ViniciusMikuni/UCluster, in the version that

@@ -5,8 +5,8 @@ side-by-side comparison in docs/BENCHMARKS.md (issue: "at least 5x TF's best con
 NOT part of the package: it runs in the throwaway TensorFlow environment of scripts/tf1_reference.py
 (whose graph it times: the original's layers, edge convolutions per edge, BatchNorm, Adam):
 
-    TF_ENABLE_ONEDNN_OPTS=0 /tmp/tfvenv/bin/python scripts/tf1_speed.py --json tf_default.json
-    TF_ENABLE_ONEDNN_OPTS=1 /tmp/tfvenv/bin/python scripts/tf1_speed.py --json tf_onednn.json
+    TF_ENABLE_ONEDNN_OPTS=0 "$TFVENV"/bin/python scripts/tf1_speed.py --json tf_default.json
+    TF_ENABLE_ONEDNN_OPTS=1 "$TFVENV"/bin/python scripts/tf1_speed.py --json tf_onednn.json
 
 Inputs are random jets with the toy set's padding (about 44 of 100 points real); the cost of the
 graph does not depend on the values. Medians over repeats after warm-up, as `ucluster bench`.
