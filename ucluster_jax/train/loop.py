@@ -23,6 +23,7 @@ from ucluster_jax.config import Config, ConfigError, config_from_dict, load_conf
 from ucluster_jax.data.prefetch import prefetch
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import CheckpointError, DataError, UserError
+from ucluster_jax.losses import kmeans_loss
 from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
@@ -247,9 +248,8 @@ def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDatase
     k = cfg.model.num_clusters
     cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, 3) if len(o["z"]) \
         else np.zeros((k, 3), np.int64)
-    d = o["dist"].astype(np.float64)
-    w = np.exp(-alpha * (d - d.min(-1, keepdims=True))) if len(d) else d
-    km = np.array([np.sum(w / w.sum(-1, keepdims=True) * d) if len(d) else 0.0, len(d)])
+    n = len(o["dist"])
+    km = np.array([float(kmeans_loss(jnp.asarray(o["dist"]), alpha)) * n if n else 0.0, n])  # sum, count
     cont, km = rt.sum(cont), rt.sum(km)
     return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None,
             f"{prefix}_kmeans": float(km[0] / km[1]) if km[1] else None}
