@@ -32,6 +32,7 @@ PY=${PYTHON:-python3}
 if [ -d .whl ] && ! "$PY" -c "import pythia8mc, fastjet" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" .whl/*.whl || exit 1
   export PYTHONPATH=$W/site
+  export PYTHIA8DATA=${PYTHIA8DATA:-$(find "$W/site" -type d -name xmldoc -path '*Pythia8*' | head -1)}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=$W/jax_cache
@@ -58,7 +59,7 @@ if ! smoke > "$W/smoke.log" 2>&1; then
   say "smoke run failed:"; tail -40 "$W/smoke.log"; kill $g0 $g1 $g2 2>/dev/null; exit 1
 fi
 say "smoke run passed: $(grep -c . "$W/toy/run/metrics.jsonl") epochs"
-for g in $g0 $g1 $g2; do wait $g || { say "generation failed:"; tail -20 "$W"/gen_*.log; exit 1; }; done
+for g in $g0 $g1 $g2; do wait $g || { say "generation failed:"; tail -n 20 "$W"/gen_*.log; exit 1; }; done
 mkdir -p "$W/data/gpu" && ln -s "$W/data/t1/part-00000.parquet" "$W/data/gpu/a.parquet" &&
   ln -s "$W/data/t2/part-00000.parquet" "$W/data/gpu/b.parquet"
 say "data ready"
