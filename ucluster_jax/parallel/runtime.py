@@ -30,6 +30,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ucluster_jax.config import Config
+from ucluster_jax.data.schema import CLASS_NAMES
 from ucluster_jax.errors import UserError
 from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum, require_mpi4jax
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
@@ -71,25 +72,27 @@ class Runtime:
         return global_batch // self.world
 
     # ---- the step ----
-    def make_step(self, cfg: Config, *, with_grads: bool = False) -> Callable:
+    def make_step(self, cfg: Config, *, num_classes: int = len(CLASS_NAMES), with_grads: bool = False) -> Callable:
         """A compiled `step(state, batch) -> (state, metrics)` on this runtime's placement.
 
+        `num_classes`: the dataset's classes (contingency width).
         `with_grads`: metrics["grads"] is the replica-averaged gradient the update applied."""
         R = self.replicas
         if self.engine == "single":
-            return jax.jit(make_train_step(cfg, with_grads=with_grads), donate_argnums=0)
+            return jax.jit(make_train_step(cfg, num_classes=num_classes, with_grads=with_grads), donate_argnums=0)
         if self.engine == "mpi":
             c = self.comm
             return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R,
-                                           with_grads=with_grads), donate_argnums=0)
+                                           num_classes=num_classes, with_grads=with_grads), donate_argnums=0)
         psum = lambda v: jax.lax.psum(v, AXIS)  # noqa: E731
         if self.engine in ("local", "jaxdist"):  # jaxdist: the same program, the axis spans processes
             pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
-            step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R, with_grads=with_grads)
+            step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R, num_classes=num_classes,
+                                   with_grads=with_grads)
             return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices)
         # hybrid: BN moments psum'd in-graph over every device of every process (jax.distributed);
         # per-device gradients summed over this host's devices, then ONE mpi4jax allreduce across ranks.
-        grads_fn = make_grads_fn(cfg, replica_sum=psum)
+        grads_fn = make_grads_fn(cfg, replica_sum=psum, num_classes=num_classes)
         apply_fn = make_apply_fn(cfg, world=R, with_grads=with_grads)
         c, dev0 = self.comm, self.devices[0]
 

@@ -141,7 +141,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         host, start_epoch, start_step = resume_state(rt, cfg, out, host)
     state = rt.put_state(host)
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
-    step_fn = rt.make_step(cfg)
+    step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     steps = ds.steps_per_epoch(t.batch_size)
     log = Logger(out, rt.is_root)
     rec: dict[str, Any] = {}
@@ -245,9 +245,9 @@ def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDatase
                    prefix: str) -> dict:
     """Globally matched accuracy and the Deep k-Means loss (at `alpha`) of a labelled split, all ranks."""
     o = embed(rt, cfg, host, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
-    k = cfg.model.num_clusters
-    cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, 3) if len(o["z"]) \
-        else np.zeros((k, 3), np.int64)
+    k, c = cfg.model.num_clusters, len(ds.meta.class_names)
+    cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, c) if len(o["z"]) \
+        else np.zeros((k, c), np.int64)
     n = len(o["dist"])
     km = np.array([float(kmeans_loss(jnp.asarray(o["dist"]), alpha)) * n if n else 0.0, n])  # sum, count
     cont, km = rt.sum(cont), rt.sum(km)
