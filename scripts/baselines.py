@@ -12,7 +12,8 @@
         `evaluate` uses), with statistics recomputed over N training batches (precise BN), and the
         distances between its centroids.
     python scripts/baselines.py supervised-data --data IN --out OUT [--part N]
-        a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top), num_targets the number of classes.
+        a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top),
+        num_targets the number of classes.
     python scripts/baselines.py supervised --run RUN --test TEST [--json OUT]
         accuracy of argmax(logits) of a run trained on such a copy (model.num_targets=3).
 
@@ -84,7 +85,8 @@ def cmd_mass(a: argparse.Namespace) -> dict:
     out: dict = {"n_train": int(len(m_tr)), "n_test": int(len(m_te))}
     orig = window_predict(m_te, 85.0, (85.0, 100.0), (160.0, 200.0))
     out["window_original"] = {"windows": "W < 85, Z 85-100, top 160-200 GeV", "accuracy": float(np.mean(orig == y_te)),
-                              "unassigned": float(np.mean(orig < 0)), "confusion": confusion_pred(orig, y_te, len(names))}
+                              "unassigned": float(np.mean(orig < 0)),
+                              "confusion": confusion_pred(orig, y_te, len(names))}
     a_cut, b_cut, acc_tr = best_cuts(m_tr, y_tr)
     best = window_predict(m_te, a_cut, (a_cut, b_cut), (b_cut, np.inf))
     out["window_best"] = {"windows": f"W < {a_cut:g}, Z {a_cut:g}-{b_cut:g}, top >= {b_cut:g} GeV (fitted on train)",
@@ -145,7 +147,7 @@ def _load_epoch(run: Path, epoch: int | None):
 
 def cmd_embed(a: argparse.Namespace) -> dict:
     from ucluster_jax.parallel.runtime import setup
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = _load_epoch(a.run, a.epoch)
     rt = setup("single")
@@ -174,7 +176,7 @@ def cmd_bn(a: argparse.Namespace) -> dict:
 
     from ucluster_jax.model.networks import UCluster
     from ucluster_jax.parallel.runtime import setup
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = _load_epoch(a.run, a.epoch)
     rt = setup("single")
@@ -221,7 +223,7 @@ def cmd_supervised_data(a: argparse.Namespace) -> dict:
 
 def cmd_supervised(a: argparse.Namespace) -> dict:
     from ucluster_jax.parallel.runtime import setup
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = _load_epoch(a.run, None)
     rt = setup("single")

@@ -36,7 +36,7 @@ def load_run(run_dir: Path) -> tuple[Config, Any, dict]:
 
 
 def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True) -> dict[str, Any]:
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = load_run(run_dir)
     rt = setup("auto")
