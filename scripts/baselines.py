@@ -75,7 +75,7 @@ def best_cuts(mass: np.ndarray, label: np.ndarray, step: float = 0.5) -> tuple[f
 def confusion_pred(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[list[int]]:
     """Rows: predicted class (W, Z, top, none); columns: truth W, Z, top."""
     m = np.zeros((num_classes + 1, num_classes), np.int64)
-    np.add.at(m, (np.where(pred < 0, 3, pred), label), 1)
+    np.add.at(m, (np.where(pred < 0, num_classes, pred), label), 1)
     return m.tolist()
 
 
