@@ -111,7 +111,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             h = rt.host_state(state)
             checkpoint.save(out, h, step=int(h.step), keep=t.keep_checkpoints,
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
-                                  "world": rt.world, "replicas": rt.replicas, "engine": rt.engine})
+                                  "world": rt.world, "replicas": rt.replicas, "engine": rt.engine.name})
 
     for epoch in range(start_epoch, t.epochs):
         first = start_step if epoch == start_epoch else 0
