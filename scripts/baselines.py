@@ -3,7 +3,7 @@
 
     python scripts/baselines.py mass --train TRAIN --test TEST [--plot PNG] [--json OUT]
         mass-window cuts (the original's windows, and the best two cuts found on TRAIN) and
-        k-means (k=3) on the jet mass, fitted on TRAIN, applied to TEST.
+        k-means (one cluster per class) on the jet mass, fitted on TRAIN, applied to TEST.
     python scripts/baselines.py embed --run RUN --epoch E --train TRAIN --test TEST [--train-part N] [--json OUT]
         k-means (k=3, k-means++ 10 restarts) on the 3-d embedding of the checkpoint written after
         epoch E (the last focal-only epoch), fitted on TRAIN embeddings, applied to TEST embeddings.
@@ -12,7 +12,8 @@
         `evaluate` uses), with statistics recomputed over N training batches (precise BN), and the
         distances between its centroids.
     python scripts/baselines.py supervised-data --data IN --out OUT [--part N]
-        a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top), num_targets=3.
+        a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top),
+        num_targets the number of classes.
     python scripts/baselines.py supervised --run RUN --test TEST [--json OUT]
         accuracy of argmax(logits) of a run trained on such a copy (model.num_targets=3).
 
@@ -32,16 +33,16 @@ from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.metrics import contingency_np, matched_accuracy
 from ucluster_jax.train.kmeans import kmeans
 
-CLASSES = ("W", "Z", "top")
 
-
-def _mass_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _mass_label(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Masses, labels and the dataset's class names."""
     ds = ParquetDataset(path)
     cols = {}
     for b in ds.iter_all(4096):  # only mass and label are kept; avoids holding all particles
         for k in ("mass", "label"):
             cols.setdefault(k, []).append(b[k])
-    return np.concatenate(cols["mass"]).astype(np.float64), np.concatenate(cols["label"]).astype(np.int64)
+    return (np.concatenate(cols["mass"]).astype(np.float64), np.concatenate(cols["label"]).astype(np.int64),
+            ds.meta.class_names)
 
 
 def window_predict(mass: np.ndarray, w_hi: float, z: tuple[float, float], top: tuple[float, float]) -> np.ndarray:
@@ -71,47 +72,49 @@ def best_cuts(mass: np.ndarray, label: np.ndarray, step: float = 0.5) -> tuple[f
     return float(grid[i]), float(grid[j]), float(score[i, j] / len(mass))
 
 
-def confusion_pred(pred: np.ndarray, label: np.ndarray) -> list[list[int]]:
+def confusion_pred(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[list[int]]:
     """Rows: predicted class (W, Z, top, none); columns: truth W, Z, top."""
-    m = np.zeros((4, 3), np.int64)
-    np.add.at(m, (np.where(pred < 0, 3, pred), label), 1)
+    m = np.zeros((num_classes + 1, num_classes), np.int64)
+    np.add.at(m, (np.where(pred < 0, num_classes, pred), label), 1)
     return m.tolist()
 
 
 def cmd_mass(a: argparse.Namespace) -> dict:
-    m_tr, y_tr = _mass_label(a.train)
-    m_te, y_te = _mass_label(a.test)
+    m_tr, y_tr, _ = _mass_label(a.train)
+    m_te, y_te, names = _mass_label(a.test)
     out: dict = {"n_train": int(len(m_tr)), "n_test": int(len(m_te))}
     orig = window_predict(m_te, 85.0, (85.0, 100.0), (160.0, 200.0))
     out["window_original"] = {"windows": "W < 85, Z 85-100, top 160-200 GeV", "accuracy": float(np.mean(orig == y_te)),
-                              "unassigned": float(np.mean(orig < 0)), "confusion": confusion_pred(orig, y_te)}
+                              "unassigned": float(np.mean(orig < 0)),
+                              "confusion": confusion_pred(orig, y_te, len(names))}
     a_cut, b_cut, acc_tr = best_cuts(m_tr, y_tr)
     best = window_predict(m_te, a_cut, (a_cut, b_cut), (b_cut, np.inf))
     out["window_best"] = {"windows": f"W < {a_cut:g}, Z {a_cut:g}-{b_cut:g}, top >= {b_cut:g} GeV (fitted on train)",
                           "cuts": [a_cut, b_cut], "train_accuracy": acc_tr, "accuracy": float(np.mean(best == y_te)),
-                          "confusion": confusion_pred(best, y_te)}
-    mu = kmeans(m_tr[:, None], 3, seed=0, restarts=10)
+                          "confusion": confusion_pred(best, y_te, len(names))}
+    mu = kmeans(m_tr[:, None], len(names), seed=0, restarts=10)
     assign = np.argmin((m_te[:, None] - mu[None, :, 0]) ** 2, axis=1)
-    cont = contingency_np(assign, y_te, 3, 3)
+    cont = contingency_np(assign, y_te, len(names), len(names))
     acc, mapping = matched_accuracy(cont)
     out["kmeans_mass"] = {"centres_gev": sorted(float(c) for c in mu[:, 0]), "accuracy": acc, "confusion": cont.tolist(),
                           "cluster_to_class": mapping.tolist()}
     # class composition of the samples, for the record
-    out["test_mass_median"] = {CLASSES[c]: float(np.median(m_te[y_te == c])) for c in range(3)}
-    out["test_fractions"] = {CLASSES[c]: float(np.mean(y_te == c)) for c in range(3)}
+    out["test_mass_median"] = {n: float(np.median(m_te[y_te == c])) for c, n in enumerate(names)}
+    out["test_fractions"] = {n: float(np.mean(y_te == c)) for c, n in enumerate(names)}
     if a.plot:
-        _mass_plot(m_te, y_te, (a_cut, b_cut), a.plot)
+        _mass_plot(m_te, y_te, names, (a_cut, b_cut), a.plot)
     return out
 
 
-def _mass_plot(mass: np.ndarray, label: np.ndarray, cuts: tuple[float, float], path: Path) -> None:
+def _mass_plot(mass: np.ndarray, label: np.ndarray, names: tuple[str, ...], cuts: tuple[float, float],
+               path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     bins = np.linspace(0, 200, 81)
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(names):
         ax.hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=f"{name} ({np.sum(label == c)})")
     for x, ls in ((85, ":"), (100, ":"), (160, ":")):
         ax.axvline(x, color="grey", ls=ls, lw=1)
@@ -144,22 +147,24 @@ def _load_epoch(run: Path, epoch: int | None):
 
 def cmd_embed(a: argparse.Namespace) -> dict:
     from ucluster_jax.parallel.runtime import setup
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = _load_epoch(a.run, a.epoch)
     rt = setup("single")
     bs = cfg.train.eval_batch_size
     # --train-part N: every N-th batch of TRAIN only (a 1/N subset, for speed)
     tr = embed(rt, cfg, state, islice(ParquetDataset(a.train).iter_all(bs), 0, None, a.train_part), train_mode_bn=False)
-    te = embed(rt, cfg, state, ParquetDataset(a.test).iter_all(bs), train_mode_bn=False)
+    test = ParquetDataset(a.test)
+    te = embed(rt, cfg, state, test.iter_all(bs), train_mode_bn=False)
+    k, c = cfg.model.num_clusters, len(test.meta.class_names)
     mu = kmeans(tr["z"], cfg.model.num_clusters, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts)
     d = np.sum((te["z"][:, None, :] - mu[None]) ** 2, axis=-1)
-    cont = contingency_np(np.argmin(d, 1), te["label"].astype(np.int64), cfg.model.num_clusters, 3)
+    cont = contingency_np(np.argmin(d, 1), te["label"].astype(np.int64), k, c)
     acc, mapping = matched_accuracy(cont)
     # k-means on the test embeddings themselves, for reference
     mu_te = kmeans(te["z"], cfg.model.num_clusters, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts)
     d_te = np.sum((te["z"][:, None, :] - mu_te[None]) ** 2, axis=-1)
-    acc_te = matched_accuracy(contingency_np(np.argmin(d_te, 1), te["label"].astype(np.int64), 3, 3))[0]
+    acc_te = matched_accuracy(contingency_np(np.argmin(d_te, 1), te["label"].astype(np.int64), k, c))[0]
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "step": int(meta["step"]),
             "accuracy": acc, "confusion": cont.tolist(), "cluster_to_class": mapping.tolist(),
             "accuracy_kmeans_fitted_on_test": acc_te, "n_train": int(len(tr["z"])), "n_test": int(len(te["z"]))}
@@ -171,7 +176,7 @@ def cmd_bn(a: argparse.Namespace) -> dict:
 
     from ucluster_jax.model.networks import UCluster
     from ucluster_jax.parallel.runtime import setup
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = _load_epoch(a.run, a.epoch)
     rt = setup("single")
@@ -179,7 +184,8 @@ def cmd_bn(a: argparse.Namespace) -> dict:
 
     def accuracy(st) -> float:
         o = embed(rt, cfg, st, test.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
-        return matched_accuracy(contingency_np(np.argmin(o["dist"], 1), o["label"].astype(np.int64), 3, 3))[0]
+        return matched_accuracy(contingency_np(np.argmin(o["dist"], 1), o["label"].astype(np.int64),
+                                               cfg.model.num_clusters, len(test.meta.class_names)))[0]
 
     model = UCluster(cfg.model)
     batch_stats = jax.jit(lambda st, x: model.apply({"params": st.params, "batch_stats": st.batch_stats}, x,
@@ -204,7 +210,7 @@ def cmd_supervised_data(a: argparse.Namespace) -> dict:
     from ucluster_jax.data.schema import ShardWriter
 
     ds = ParquetDataset(a.data)
-    meta = replace(ds.meta, num_targets=3)
+    meta = replace(ds.meta, num_targets=len(ds.meta.class_names))
     w = ShardWriter(a.out, meta, overwrite=a.overwrite)
     n = 0
     for b in islice(ds.iter_all(2048), 0, None, a.part):  # --part N: every N-th batch only
@@ -217,15 +223,17 @@ def cmd_supervised_data(a: argparse.Namespace) -> dict:
 
 def cmd_supervised(a: argparse.Namespace) -> dict:
     from ucluster_jax.parallel.runtime import setup
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = _load_epoch(a.run, None)
     rt = setup("single")
-    te = embed(rt, cfg, state, ParquetDataset(a.test).iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
+    test = ParquetDataset(a.test)
+    te = embed(rt, cfg, state, test.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
     pred = np.argmax(te["logits"], -1)
+    c = len(test.meta.class_names)
     y = te["label"].astype(np.int64)
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": float(np.mean(pred == y)),
-            "confusion": confusion_pred(pred, y)[:3], "n_test": int(len(y))}
+            "confusion": confusion_pred(pred, y, c)[:c], "n_test": int(len(y))}
 
 
 def main(argv: list[str] | None = None) -> int:

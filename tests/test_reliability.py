@@ -29,7 +29,7 @@ from ucluster_jax.data.prepare import prepare
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.data.toy import toy_hls4ml, write_hls4ml_h5, write_toy
 from ucluster_jax.errors import CheckpointError, DataError, UserError
-from ucluster_jax.parallel.runtime import Runtime
+from ucluster_jax.parallel.runtime import Mpi, Runtime
 from ucluster_jax.train.loop import train
 from ucluster_jax.train.state import create_state
 
@@ -101,7 +101,7 @@ def test_resume_with_incompatible_config_is_a_clear_error(tmp_path, toy10):
     assert "ckpt-0000000006.msgpack" in str(e.value)
     # a world size that the data lanes (and the global batch) cannot be split over: refused before
     # anything is loaded or written
-    rt3 = Runtime("mpi", rank=0, world=3, comm=None)
+    rt3 = Runtime(Mpi(), rank=0, world=3, comm=None)
     with pytest.raises(UserError, match="train.data_lanes=8 is not a multiple of the 3 processes"):
         train(cfg, toy10, tmp_path / "w3", resume=True, rt=rt3)
     assert not (tmp_path / "w3").exists()

@@ -119,3 +119,22 @@ def test_cli_info_and_help_and_errors(tmp_path):
     r = run_cli("train", "--config", "configs/demo.yaml", "--data", ".", "--out", str(tmp_path / "r"),
                 "--set", "train.nope=1")
     assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_names_the_datasets_classes(single_run, toy_small, tmp_path):
+    """The confusion columns and their number come from the dataset's class names, not a fixed W/Z/top."""
+    from dataclasses import replace
+
+    from ucluster_jax.data.reader import ParquetDataset
+    from ucluster_jax.data.schema import ShardWriter
+    from ucluster_jax.evaluate import evaluate
+
+    ds = ParquetDataset(toy_small[1])
+    names = ("W", "Z", "top", "other")
+    w = ShardWriter(tmp_path / "data", replace(ds.meta, class_names=names), row_group_size=128)
+    for b in ds.iter_all(128):
+        w.add(b)
+    w.commit()
+    s = evaluate(single_run, tmp_path / "data", tmp_path / "eval", plots_too=False)
+    assert s["confusion_cols"] == list(names) and np.asarray(s["confusion"]).shape == (3, 4)
+    assert np.asarray(s["confusion"]).sum() == 256

@@ -36,7 +36,7 @@ def load_run(run_dir: Path) -> tuple[Config, Any, dict]:
 
 
 def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True) -> dict[str, Any]:
-    from ucluster_jax.train.loop import embed
+    from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = load_run(run_dir)
     rt = setup("auto")
@@ -45,18 +45,19 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
     parts = {k: rt.gather_rows(v) for k, v in o.items()}
     if not rt.is_root:
         return {}
-    k = cfg.model.num_clusters
+    k, names = cfg.model.num_clusters, ds.meta.class_names
     cluster = np.argmin(parts["dist"], axis=1)
     label = parts["label"].astype(np.int64)
-    cont = contingency_np(cluster, label, k, 3)
+    cont = contingency_np(cluster, label, k, len(names))
     acc, mapping = matched_accuracy(cont) if cont.sum() else (float("nan"), np.arange(k))
     B = cfg.train.eval_batch_size
-    per_batch = np.stack([contingency_np(cluster[i:i + B], label[i:i + B], k, 3) for i in range(0, len(cluster), B)])
+    per_batch = np.stack([contingency_np(cluster[i:i + B], label[i:i + B], k, len(names))
+                          for i in range(0, len(cluster), B)])
     summary = {
         "accuracy_global": acc,
         "accuracy_per_batch": per_batch_accuracy(per_batch),
         "confusion": cont.tolist(),
-        "confusion_rows": "clusters", "confusion_cols": ["W", "Z", "top"],
+        "confusion_rows": "clusters", "confusion_cols": list(names),
         "cluster_to_class": mapping.tolist(),
         "n_jets": int(len(cluster)),
         "n_labelled": int((label >= 0).sum()),
@@ -76,8 +77,8 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
     tmp.replace(out / "per_jet.parquet")
     if plots_too:
         mu = np.asarray(state.params["mu"])
-        plots.latent_plot(parts["z"], cluster, label, mu, out / "latent.png", seed=cfg.train.seed)
-        plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png")
+        plots.latent_plot(parts["z"], cluster, label, mu, out / "latent.png", names, seed=cfg.train.seed)
+        plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png", names)
         metrics_file = Path(run_dir) / "metrics.jsonl"
         if metrics_file.exists():
             recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -105,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
         cont = np.asarray(s["confusion"])
         print(f"accuracy (global, Hungarian-matched): {s['accuracy_global']:.4f}")
         print(f"accuracy (per-batch matched, the original's figure): {s['accuracy_per_batch']:.4f}")
-        print("confusion (rows: clusters; columns: W Z top):")
+        names = tuple(s["confusion_cols"])
+        print(f"confusion (rows: clusters; columns: {' '.join(names)}):")
         for k, row in enumerate(cont):
-            print(f"  cluster {k} -> {['W', 'Z', 'top'][s['cluster_to_class'][k]] if s['cluster_to_class'][k] >= 0 else '-':>3s}: "
+            print(f"  cluster {k} -> {plots.class_name(names, s['cluster_to_class'][k], '-'):>3s}: "
                   + " ".join(f"{v:8d}" for v in row))
         print(f"jets: {s['n_jets']}; wrote {(args.out or args.run / 'eval')}")
     return 0

@@ -9,8 +9,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CLASS_NAMES = ("W", "Z", "top")
-
 
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -20,8 +18,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def class_name(class_names: tuple[str, ...], c: int, other: str) -> str:
+    """The dataset's name of truth class `c`; `other` for unlabelled or unknown values."""
+    return class_names[c] if 0 <= c < len(class_names) else other
+
+
 def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.ndarray | None, path: Path,
-                max_points: int = 20000, seed: int = 0) -> Path:
+                class_names: tuple[str, ...], max_points: int = 20000, seed: int = 0) -> Path:
     """Pairs of latent dimensions, coloured by assigned cluster (top row) and by truth (bottom row)."""
     rng = np.random.default_rng(seed)
     sel = rng.permutation(len(z))[:max_points]
@@ -34,7 +37,7 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
             ax = axes[row, col]
             for v in np.unique(colour):
                 m = colour == v
-                name = f"cluster {v}" if row == 0 else (CLASS_NAMES[v] if 0 <= v < 3 else "unknown")
+                name = f"cluster {v}" if row == 0 else class_name(class_names, v, "unknown")
                 ax.scatter(z[m, i], z[m, j], s=2, alpha=0.4, label=name)
             if mu is not None:
                 ax.scatter(mu[:, i], mu[:, j], marker="x", c="k", s=80)
@@ -45,14 +48,15 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
     return _save(fig, path)
 
 
-def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, path: Path) -> Path:
+def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, path: Path,
+              class_names: tuple[str, ...]) -> Path:
     """Jet mass of each cluster, and of each truth class for comparison."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     bins = np.linspace(0, 250, 51)
     for c in range(k):
         axes[0].hist(mass[cluster == c], bins=bins, histtype="step", lw=1.5, label=f"cluster {c}")
     for c in np.unique(label[label >= 0]):
-        axes[1].hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=CLASS_NAMES[c] if c < 3 else str(c))
+        axes[1].hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=class_name(class_names, c, str(c)))
     for ax, title in zip(axes, ("jet mass per cluster", "jet mass per truth class")):
         ax.set_xlabel("jet mass [GeV]")
         ax.set_ylabel("jets")

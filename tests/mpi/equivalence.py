@@ -56,7 +56,7 @@ def main(engine: str, out: str, devices: int | None) -> None:
     if rt.is_root:
         np.savez(out, grads0=np.asarray(grads0), params1=np.asarray(params1), params=np.asarray(flat_p),
                  stats=np.asarray(flat_s), losses=np.asarray(losses),
-                 step=int(final.step), samples=int(final.samples_seen), replicas=rt.replicas, engine=rt.engine)
+                 step=int(final.step), samples=int(final.samples_seen), replicas=rt.replicas, engine=rt.engine.name)
 
 
 if __name__ == "__main__":

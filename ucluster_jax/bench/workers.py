@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> int:
         times = [float(v) for v in rt.comm.host_sum(np.array(times)) / rt.world]
     med = median(times)
     rec: dict[str, Any] = {
-        "engine": rt.engine, "world": rt.world, "local_devices": rt.num_local, "replicas": rt.replicas,
+        "engine": rt.engine.name, "world": rt.world, "local_devices": rt.num_local, "replicas": rt.replicas,
         "batch_per_replica": args.batch, "global_batch": args.batch * rt.replicas, "steps_per_repeat": steps,
         "step_s": med / steps, "jets_per_s": args.batch * rt.replicas * steps / med, "spread": spread(times),
         "compile_s": t["first_call_s"], "peak_rss_mb": peak_rss_mb(), "threads_env": os.environ.get("XLA_FLAGS", ""),

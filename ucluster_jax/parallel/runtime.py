@@ -1,27 +1,14 @@
 """One object that hides how the global batch is split: one device, local devices (pmap), MPI ranks
 (mpi4jax), or both at once. The training loop talks only to this.
 
-Engines
-- single: one device, one process.
-- local: pmap over this host's devices; BN moments and gradients psum'd/pmean'd over the devices.
-- mpi: one device per rank; BN moments and the flattened gradients allreduced with mpi4jax inside the
-  jitted step, so the run is the single-process run on the global batch.
-- hybrid: several devices per rank under mpirun. mpi4jax cannot run inside a multi-device computation,
-  so the gradient path is two-stage: per-device gradients (flattened) summed over this host's devices,
-  then one mpi4jax allreduce across ranks in a single-device jit, the update there, the parameters
-  replicated back. The BN moments need a reduction inside the forward pass, over every device of every
-  process: for those jax.distributed (initialised from MPI) gives pmap's psum its cross-process reach
-  (gloo on CPU, NCCL on GPU). The result is again the single-process step on the global batch.
-- jaxdist: the second engine for comparison, without mpi4jax in the step: under mpirun,
-  jax.distributed (initialised from MPI) and pmap over every device of every process; BN moments
-  and gradients both psum'd by XLA's own collectives (gloo on CPU, NCCL on GPU). MPI serves only
-  the host-side bookkeeping (k-means gather, metric sums, checksums).
+`setup` maps the user-facing engine name (--engine) once to an `Engine` class: how a run starts, its
+compiled step, its per-step metrics. The `Runtime` does the placement and host-side reductions they share.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +17,166 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ucluster_jax.config import Config
+from ucluster_jax.data.schema import CLASS_NAMES
 from ucluster_jax.errors import UserError
 from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum, require_mpi4jax
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
 
-ENGINES = ("auto", "single", "local", "mpi", "hybrid", "jaxdist")
 AXIS = "replica"
+
+
+def _psum(v):
+    return jax.lax.psum(v, AXIS)
+
+
+def _pmean(v):
+    return jax.lax.pmean(v, AXIS)
+
+
+def first_replica(tree: Any) -> Any:
+    """The first local device's copy of a replicated (leading device axis) pytree."""
+    return jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], tree)
+
+
+class Engine:
+    """One way of splitting the global batch. Subclasses set `name` (the CLI's) and `replicated`, and
+    implement `start` (devices, rank, world) and `make_step`."""
+
+    name: ClassVar[str]
+    replicated: ClassVar[bool] = False  # the state carries a leading device axis (pmap)
+
+    def start(self, num_devices: int | None) -> Runtime:
+        raise NotImplementedError
+
+    def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
+        raise NotImplementedError
+
+    def step_metrics(self, metrics: dict) -> dict:
+        return metrics
+
+
+class Single(Engine):
+    """One device, one process."""
+
+    name = "single"
+
+    def start(self, num_devices: int | None) -> Runtime:
+        return Runtime(self, devices=local_devices(num_devices)[:1])
+
+    def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
+        return jax.jit(make_train_step(cfg, num_classes=num_classes, with_grads=with_grads), donate_argnums=0)
+
+
+class Mpi(Engine):
+    """One device per rank; BN moments and the flattened gradients allreduced with mpi4jax inside the
+    jitted step, so the run is the single-process run on the global batch."""
+
+    name = "mpi"
+
+    def start(self, num_devices: int | None) -> Runtime:
+        require_mpi4jax()  # before any work: the step allreduces with it
+        devices = local_devices(num_devices)[:1]
+        comm = MPIComm()
+        return Runtime(self, comm.rank, comm.size, devices, comm)
+
+    def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
+        c = rt.comm
+        return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=rt.replicas,
+                                       num_classes=num_classes, with_grads=with_grads), donate_argnums=0)
+
+
+class Local(Engine):
+    """pmap over this host's devices; BN moments and gradients psum'd/pmean'd over the devices."""
+
+    name = "local"
+    replicated = True
+
+    def start(self, num_devices: int | None) -> Runtime:
+        return Runtime(self, devices=local_devices(num_devices))
+
+    def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
+        step = make_train_step(cfg, replica_sum=_psum, grad_mean=_pmean, world=rt.replicas, num_classes=num_classes,
+                               with_grads=with_grads)
+        # the chosen local devices, or (across processes) all of them, pmap's default
+        return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=rt.devices if rt.world == 1 else None)
+
+    def step_metrics(self, metrics: dict) -> dict:
+        """Summed over local devices; the gradient (`with_grads`), the same on every device, from the first."""
+        out = metrics_sum({k: v for k, v in metrics.items() if k != "grads"})
+        if "grads" in metrics:
+            out["grads"] = first_replica(metrics["grads"])
+        return out
+
+
+class JaxDist(Local):
+    """The engine for comparison without mpi4jax: under mpirun, the `local` program with an axis over every
+    device of every process (jax.distributed), XLA's collectives (gloo on CPU, NCCL on GPU) in the step;
+    MPI serves only the host-side bookkeeping (k-means gather, metric sums, checksums)."""
+
+    name = "jaxdist"
+
+    def start(self, num_devices: int | None) -> Runtime:
+        return start_distributed(self, num_devices)
+
+
+class Hybrid(Engine):
+    """Several devices per rank under mpirun. mpi4jax cannot run inside a multi-device computation, so
+    gradients are summed over this host's devices, then allreduced across ranks by mpi4jax in a
+    single-device jit that also updates; the parameters are replicated back. The BN moments, reduced
+    inside the forward pass, reach every process through jax.distributed. Metrics come back summed."""
+
+    name = "hybrid"
+    replicated = True
+
+    def start(self, num_devices: int | None) -> Runtime:
+        require_mpi4jax()  # before any work: the step allreduces with it
+        return start_distributed(self, num_devices)
+
+    def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
+        grads_fn = make_grads_fn(cfg, replica_sum=_psum, num_classes=num_classes)
+        apply_fn = make_apply_fn(cfg, world=rt.replicas, with_grads=with_grads)
+        c, dev0, R = rt.comm, rt.devices[0], rt.replicas
+
+        def local(state, batch):
+            grads, stats, metrics = grads_fn(state, batch)
+            return ravel_pytree(grads)[0], stats, metrics
+
+        local_p = jax.pmap(local, axis_name=AXIS)
+        unravel = _unravel(cfg)
+
+        @partial(jax.jit, static_argnums=4)
+        def across(state, flat_grads, stats, metrics, local_batch):
+            total = c.device_sum(jnp.sum(flat_grads, axis=0))  # sum over devices, then over ranks
+            return apply_fn(state, unravel(total / R), stats, metrics_sum(metrics), local_batch)
+
+        def step(state, batch):
+            flat, stats, metrics = local_p(state, batch)
+            on0 = lambda a: jnp.stack([jax.device_put(sh.data[0], dev0) for sh in a.addressable_shards])  # noqa: E731
+            new_state, m = across(first_replica(state), on0(flat), first_replica(stats),
+                                  jax.tree_util.tree_map(on0, metrics), batch["x"].shape[1])
+            return rt.put_state(new_state), m
+
+        return step
+
+
+def _unravel(cfg: Config) -> Callable:
+    """Flat vector -> parameter pytree, from the parameter shapes alone (no initialisation)."""
+    from ucluster_jax.model.networks import init_variables
+
+    shapes = jax.eval_shape(lambda: init_variables(cfg.model, 0)["params"])
+    return ravel_pytree(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes))[1]
+
+
+ENGINE_CLASSES: dict[str, type[Engine]] = {e.name: e for e in (Single, Local, Mpi, Hybrid, JaxDist)}
+ENGINES = ("auto", *ENGINE_CLASSES)  # the CLI's names
 
 
 @dataclass
 class Runtime:
-    engine: str
+    """A started engine: this process's rank, devices and communicator, and the placement of states and
+    batches on them."""
+
+    engine: Engine
     rank: int = 0
     world: int = 1  # processes
     devices: list = field(default_factory=lambda: jax.local_devices()[:1])
@@ -61,7 +197,7 @@ class Runtime:
     @property
     def replicated(self) -> bool:
         """State carries a leading device axis (pmap engines)."""
-        return self.engine in ("local", "hybrid", "jaxdist")
+        return self.engine.replicated
 
     def local_batch(self, global_batch: int) -> int:
         """Jets this process reads per step."""
@@ -70,63 +206,12 @@ class Runtime:
                             f"({self.world} processes x {self.num_local} devices)")
         return global_batch // self.world
 
-    # ---- the step ----
-    def make_step(self, cfg: Config, *, with_grads: bool = False) -> Callable:
+    def make_step(self, cfg: Config, *, num_classes: int = len(CLASS_NAMES), with_grads: bool = False) -> Callable:
         """A compiled `step(state, batch) -> (state, metrics)` on this runtime's placement.
 
+        `num_classes`: the dataset's classes (contingency width).
         `with_grads`: metrics["grads"] is the replica-averaged gradient the update applied."""
-        R = self.replicas
-        if self.engine == "single":
-            return jax.jit(make_train_step(cfg, with_grads=with_grads), donate_argnums=0)
-        if self.engine == "mpi":
-            c = self.comm
-            return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=R,
-                                           with_grads=with_grads), donate_argnums=0)
-        psum = lambda v: jax.lax.psum(v, AXIS)  # noqa: E731
-        if self.engine in ("local", "jaxdist"):  # jaxdist: the same program, the axis spans processes
-            pmean = lambda g: jax.lax.pmean(g, AXIS)  # noqa: E731
-            step = make_train_step(cfg, replica_sum=psum, grad_mean=pmean, world=R, with_grads=with_grads)
-            return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices)
-        # hybrid: BN moments psum'd in-graph over every device of every process (jax.distributed);
-        # per-device gradients summed over this host's devices, then ONE mpi4jax allreduce across ranks.
-        grads_fn = make_grads_fn(cfg, replica_sum=psum)
-        apply_fn = make_apply_fn(cfg, world=R, with_grads=with_grads)
-        c, dev0 = self.comm, self.devices[0]
-
-        def local(state, batch):
-            grads, stats, metrics = grads_fn(state, batch)
-            return ravel_pytree(grads)[0], stats, metrics
-
-        local_p = jax.pmap(local, axis_name=AXIS)
-        unravel = self._unravel(cfg)
-
-        @partial(jax.jit, static_argnums=4)
-        def across(state, flat_grads, stats, metrics, local_batch):
-            total = c.device_sum(jnp.sum(flat_grads, axis=0))  # sum over devices, then over ranks
-            return apply_fn(state, unravel(total / R), stats, metrics_sum(metrics), local_batch)
-
-        def step(state, batch):
-            flat, stats, metrics = local_p(state, batch)
-            on0 = lambda a: jnp.stack([jax.device_put(sh.data[0], dev0) for sh in a.addressable_shards])  # noqa: E731
-            first = lambda t: jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], t)  # noqa: E731
-            new_state, m = across(first(state), on0(flat), first(stats),
-                                  jax.tree_util.tree_map(on0, metrics), batch["x"].shape[1])
-            return self.put_state(new_state), m
-
-        return step
-
-    @property
-    def _pmap_devices(self) -> list | None:
-        """pmap's devices: the chosen local ones, or (across processes) all of them, pmap's default."""
-        return self.devices if self.world == 1 else None
-
-    @staticmethod
-    def _unravel(cfg: Config) -> Callable:
-        """Flat vector -> parameter pytree, from the parameter shapes alone (no initialisation)."""
-        from ucluster_jax.model.networks import init_variables
-
-        shapes = jax.eval_shape(lambda: init_variables(cfg.model, 0)["params"])
-        return ravel_pytree(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), shapes))[1]
+        return self.engine.make_step(self, cfg, num_classes=num_classes, with_grads=with_grads)
 
     # ---- placement ----
     @property
@@ -142,9 +227,7 @@ class Runtime:
 
     def host_state(self, state: Any) -> Any:
         """A host copy of the (identical) replica's state."""
-        if self.replicated:
-            state = jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], state)
-        return jax.device_get(state)
+        return jax.device_get(first_replica(state) if self.replicated else state)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Local batch -> devices: [B_local, ...] split over local devices as [D, B_local/D, ...]."""
@@ -154,14 +237,8 @@ class Runtime:
         return {k: jax.device_put(v.reshape((D, -1) + v.shape[1:]), sh) for k, v in batch.items()}
 
     def step_metrics(self, metrics: dict) -> dict:
-        """Per-step metrics summed over local devices (still on device: no host round trip); the
-        gradient (`make_step(with_grads=True)`), the same on every device, from the first."""
-        if not self.replicated or self.engine == "hybrid":
-            return metrics
-        out = metrics_sum({k: v for k, v in metrics.items() if k != "grads"})
-        if "grads" in metrics:
-            out["grads"] = jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], metrics["grads"])
-        return out
+        """Per-step metrics as one record per process (still on device: no host round trip)."""
+        return self.engine.step_metrics(metrics)
 
     # ---- host-side reductions (epoch ends, k-means, checks) ----
     def sum(self, x: np.ndarray) -> np.ndarray:
@@ -195,42 +272,38 @@ def metrics_sum(metrics: dict) -> dict:
     return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), metrics)
 
 
-def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
-    """Pick the engine from the launch (mpirun or not) and the visible devices.
-
-    Under mpirun, `auto` means one device per rank (engine mpi, the recommended layout); several
-    devices per rank is engine hybrid, asked for explicitly.
-    """
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    _, size = launched_world()
-    if engine == "auto" and size > 1:
-        engine = "mpi"
-    if engine in ("mpi", "hybrid"):
-        require_mpi4jax()  # before any work: the step allreduces with it
-    if engine in ("hybrid", "jaxdist"):
-        # jax.distributed must come before anything touches the backend; it gives pmap's psum (the BN
-        # moments) cross-process reach: gloo on CPU (this setting is ignored by GPU backends), NCCL on GPU.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(cluster_detection_method="mpi4py")
-        comm = MPIComm()
-        devices = jax.local_devices()
-        if num_devices and num_devices != len(devices):
-            raise UserError(f"engine {engine} uses every local device ({len(devices)}), not {num_devices}")
-        return Runtime(engine, comm.rank, comm.size, devices, comm)
+def local_devices(num_devices: int | None) -> list:
+    """The devices of a one-process engine: `num_devices` of them, or all GPUs, one CPU."""
     devices = jax.local_devices()
     if num_devices:
         if num_devices > len(devices):
             raise UserError(f"asked for {num_devices} devices, {len(devices)} visible "
                             "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-        devices = devices[:num_devices]
-    elif devices[0].platform == "cpu":
-        devices = devices[:1]  # CPU "devices" share the same cores: one unless asked
-    if engine == "mpi":
-        comm = MPIComm()
-        return Runtime(engine, comm.rank, comm.size, devices[:1], comm)
+        return devices[:num_devices]
+    return devices[:1] if devices[0].platform == "cpu" else devices  # CPU "devices" share the same cores
+
+
+def start_distributed(engine: Engine, num_devices: int | None) -> Runtime:
+    """jax.distributed (initialised from MPI) over every local device of every rank."""
+    # jax.distributed must come before anything touches the backend; it gives pmap's psum (the BN
+    # moments) cross-process reach: gloo on CPU (this setting is ignored by GPU backends), NCCL on GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(cluster_detection_method="mpi4py")
+    comm = MPIComm()
+    devices = jax.local_devices()
+    if num_devices and num_devices != len(devices):
+        raise UserError(f"engine {engine.name} uses every local device ({len(devices)}), not {num_devices}")
+    return Runtime(engine, comm.rank, comm.size, devices, comm)
+
+
+def setup(engine: str = "auto", *, num_devices: int | None = None) -> Runtime:
+    """Map the engine's name to its class, once, and start it.
+
+    `auto`: under mpirun one device per rank (engine mpi, the recommended layout; several devices per
+    rank is engine hybrid, asked for explicitly); otherwise local with several devices, else single.
+    """
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "auto":
-        engine = "local" if len(devices) > 1 else "single"
-    if engine == "single":
-        devices = devices[:1]
-    return Runtime(engine, 0, 1, devices, None)
+        engine = "mpi" if launched_world()[1] > 1 else "local" if len(local_devices(num_devices)) > 1 else "single"
+    return ENGINE_CLASSES[engine]().start(num_devices)

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +23,11 @@ from ucluster_jax.config import Config, ConfigError, config_from_dict, load_conf
 from ucluster_jax.data.prefetch import prefetch
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import CheckpointError, DataError, UserError
-from ucluster_jax.losses import kmeans_loss
-from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
+from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
-from ucluster_jax.train.kmeans import kmeans
+from ucluster_jax.train.scoring import init_centroids, score_point
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase
-from ucluster_jax.train.step import make_eval_fn
 
 
 def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
@@ -48,45 +46,6 @@ def uneven_read_warning(ds: ParquetDataset, path: Path) -> str | None:
     return (f"warning: {path}: row groups of up to {max(g.rows for g in ds.groups)} jets for "
             f"{ds.num_jets // ds.world} jets per rank: a rank may decode {ds.read_factor():.1f}x the jets it "
             f"trains on; rewrite it with 'ucluster prepare --ranks {ds.world}'")
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_eval(cfg: Config, train_mode_bn: bool):
-    """One jitted evaluation function per (config, BN mode): scoring every epoch compiles once."""
-    return jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
-
-
-def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[dict[str, np.ndarray]], *,
-          train_mode_bn: bool) -> dict[str, np.ndarray]:
-    """Embeddings, distances, logits, labels and masses of `batches` (one device per rank), in order."""
-    fn = _compiled_eval(cfg, train_mode_bn)
-    dev = rt.devices[0]
-    state = jax.device_put(host_state, dev)
-    outs: dict[str, list] = {"z": [], "dist": [], "label": [], "mass": [], "logits": []}
-    for b in batches:
-        o = fn(state, jax.device_put(b["x"], dev), b.get("global"))
-        for k in ("z", "dist", "logits"):
-            outs[k].append(o[k])
-        outs["label"].append(b["label"])
-        outs["mass"].append(b["mass"])
-    if not outs["z"]:  # a rank without evaluation batches: empty rows of the right widths, for the gathers
-        m = cfg.model
-        width = {"z": m.latent_dim, "dist": m.num_clusters, "logits": m.num_targets}
-        return {k: np.zeros((0, width[k]) if k in width else (0,), np.float32) for k in outs}
-    return {k: np.concatenate(jax.device_get(v)) for k, v in outs.items()}
-
-
-def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset) -> np.ndarray:
-    """Global k-means: every rank embeds its block of eval batches, rank 0 clusters all of them (in file
-    order, whatever the world size), the result is broadcast."""
-    z = embed(rt, cfg, host_state, ds.iter_all(cfg.train.eval_batch_size),
-              train_mode_bn=cfg.train.kmeans_embeddings == "train_mode")["z"]
-    everything = rt.gather_rows(z)
-    mu = None
-    if rt.is_root:
-        mu = kmeans(everything, cfg.model.num_clusters, seed=cfg.train.seed,
-                    restarts=cfg.train.kmeans_restarts, iters=cfg.train.kmeans_iters)
-    return np.asarray(rt.bcast(mu), np.float32)
 
 
 class Logger:
@@ -141,7 +100,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         host, start_epoch, start_step = resume_state(rt, cfg, out, host)
     state = rt.put_state(host)
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
-    step_fn = rt.make_step(cfg)
+    step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     steps = ds.steps_per_epoch(t.batch_size)
     log = Logger(out, rt.is_root)
     rec: dict[str, Any] = {}
@@ -152,7 +111,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             h = rt.host_state(state)
             checkpoint.save(out, h, step=int(h.step), keep=t.keep_checkpoints,
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
-                                  "world": rt.world, "replicas": rt.replicas, "engine": rt.engine})
+                                  "world": rt.world, "replicas": rt.replicas, "engine": rt.engine.name})
 
     for epoch in range(start_epoch, t.epochs):
         first = start_step if epoch == start_epoch else 0
@@ -171,7 +130,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         mid_epoch = (lambda st, s: save(st, epoch - 1, epoch, s)) if t.checkpoint_every_steps else None
         score = None
         if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
-            score = functools.partial(score_point, rt, cfg, test_ds, log, epoch=epoch, alpha=alpha,
+            score = functools.partial(score_point, rt, cfg, test_ds, log.point, epoch=epoch, alpha=alpha,
                                       joint_start=t.pretrain_epochs * steps * t.batch_size)
         state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
         host = rt.host_state(state)
@@ -239,30 +198,6 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         rec["train_acc"] = matched_accuracy(cont.sum(0))[0]
         rec["train_acc_per_batch"] = per_batch_accuracy(cont)
     return state, rec
-
-
-def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, *, alpha: float,
-                   prefix: str) -> dict:
-    """Globally matched accuracy and the Deep k-Means loss (at `alpha`) of a labelled split, all ranks."""
-    o = embed(rt, cfg, host, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
-    k = cfg.model.num_clusters
-    cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, 3) if len(o["z"]) \
-        else np.zeros((k, 3), np.int64)
-    n = len(o["dist"])
-    km = np.array([float(kmeans_loss(jnp.asarray(o["dist"]), alpha)) * n if n else 0.0, n])  # sum, count
-    cont, km = rt.sum(cont), rt.sum(km)
-    return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None,
-            f"{prefix}_kmeans": float(km[0] / km[1]) if km[1] else None}
-
-
-def score_point(rt: Runtime, cfg: Config, ds: ParquetDataset, log: Logger, host: TrainState, *, epoch: int,
-                alpha: float, joint_start: int) -> dict:
-    """Score the test split now and add the point to the accuracy-vs-joint-samples curve."""
-    rec = evaluate_split(rt, cfg, host, ds, alpha=alpha, prefix="test")
-    seen = int(host.samples_seen)
-    log.point({"epoch": epoch, "step": int(host.step), "samples_seen": seen, "joint_samples": seen - joint_start,
-               **rec})
-    return rec
 
 
 def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int, int]:

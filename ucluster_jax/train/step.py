@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ucluster_jax.config import Config
+from ucluster_jax.data.schema import CLASS_NAMES
 from ucluster_jax.losses import combined_loss
 from ucluster_jax.model.batchnorm import ReplicaSum, bn_decay
 from ucluster_jax.model.networks import UCluster
@@ -38,11 +39,12 @@ def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) 
 
 
 def make_train_step(cfg: Config, *, replica_sum: ReplicaSum | None = None, grad_mean: GradMean | None = None,
-                    world: int = 1, num_classes: int = 3,
+                    world: int = 1, num_classes: int = len(CLASS_NAMES),
                     with_grads: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     `world` is the number of replicas the global batch is split over (samples seen, linear LR scaling).
+    `num_classes`: the dataset's classes (its metadata's class_names), the width of the contingency counts.
     `with_grads` adds the gradient the update applied to the metrics (equivalence checks).
     """
     grads_fn = make_grads_fn(cfg, replica_sum=replica_sum, num_classes=num_classes)
@@ -71,7 +73,7 @@ def make_multi_step(train_step: Callable) -> Callable:
     return multi
 
 
-def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_classes: int = 3):
+def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_classes: int = len(CLASS_NAMES)):
     """First half of the step: forward, combined loss, gradients, new BN statistics, batch metrics."""
     model = UCluster(cfg.model, replica_sum=replica_sum, edge_chunk=edge_chunk())
     t, lc = cfg.train, cfg.loss

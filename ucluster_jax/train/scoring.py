@@ -1,0 +1,81 @@
+"""Embedding, k-means and scoring of a trained state: what the training loop, `ucluster evaluate` and
+the scripts share, apart from the loop itself."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ucluster_jax.config import Config
+from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.losses import kmeans_loss
+from ucluster_jax.metrics import contingency_np, matched_accuracy
+from ucluster_jax.parallel.runtime import Runtime
+from ucluster_jax.train.kmeans import kmeans
+from ucluster_jax.train.state import TrainState
+from ucluster_jax.train.step import make_eval_fn
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_eval(cfg: Config, train_mode_bn: bool):
+    """One jitted evaluation function per (config, BN mode): scoring every epoch compiles once."""
+    return jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
+
+
+def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[dict[str, np.ndarray]], *,
+          train_mode_bn: bool) -> dict[str, np.ndarray]:
+    """Embeddings, distances, logits, labels and masses of `batches` (one device per rank), in order."""
+    fn = _compiled_eval(cfg, train_mode_bn)
+    dev = rt.devices[0]
+    state = jax.device_put(host_state, dev)
+    outs: dict[str, list] = {"z": [], "dist": [], "label": [], "mass": [], "logits": []}
+    for b in batches:
+        o = fn(state, jax.device_put(b["x"], dev), b.get("global"))
+        for k in ("z", "dist", "logits"):
+            outs[k].append(o[k])
+        outs["label"].append(b["label"])
+        outs["mass"].append(b["mass"])
+    if not outs["z"]:  # a rank without evaluation batches: empty rows of the right widths, for the gathers
+        m = cfg.model
+        width = {"z": m.latent_dim, "dist": m.num_clusters, "logits": m.num_targets}
+        return {k: np.zeros((0, width[k]) if k in width else (0,), np.float32) for k in outs}
+    return {k: np.concatenate(jax.device_get(v)) for k, v in outs.items()}
+
+
+def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset) -> np.ndarray:
+    """Global k-means: every rank embeds its block of eval batches, rank 0 clusters all of them (in file
+    order, whatever the world size), the result is broadcast."""
+    z = embed(rt, cfg, host_state, ds.iter_all(cfg.train.eval_batch_size),
+              train_mode_bn=cfg.train.kmeans_embeddings == "train_mode")["z"]
+    everything = rt.gather_rows(z)
+    mu = None
+    if rt.is_root:
+        mu = kmeans(everything, cfg.model.num_clusters, seed=cfg.train.seed,
+                    restarts=cfg.train.kmeans_restarts, iters=cfg.train.kmeans_iters)
+    return np.asarray(rt.bcast(mu), np.float32)
+
+
+def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, *, alpha: float,
+                   prefix: str) -> dict:
+    """Globally matched accuracy and the Deep k-Means loss (at `alpha`) of a labelled split, all ranks."""
+    o = embed(rt, cfg, host, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
+    k, c = cfg.model.num_clusters, len(ds.meta.class_names)
+    cont = contingency_np(np.argmin(o["dist"], -1), o["label"].astype(np.int64), k, c) if len(o["z"]) \
+        else np.zeros((k, c), np.int64)
+    n = len(o["dist"])
+    km = np.array([float(kmeans_loss(jnp.asarray(o["dist"]), alpha)) * n if n else 0.0, n])  # sum, count
+    cont, km = rt.sum(cont), rt.sum(km)
+    return {f"{prefix}_acc": matched_accuracy(cont)[0] if cont.sum() else None,
+            f"{prefix}_kmeans": float(km[0] / km[1]) if km[1] else None}
+
+
+def score_point(rt: Runtime, cfg: Config, ds: ParquetDataset, point: Callable[[dict], None], host: TrainState, *,
+                epoch: int, alpha: float, joint_start: int) -> dict:
+    """Score the test split now and hand the point of the accuracy-vs-joint-samples curve to `point`."""
+    rec = evaluate_split(rt, cfg, host, ds, alpha=alpha, prefix="test")
+    seen = int(host.samples_seen)
+    point({"epoch": epoch, "step": int(host.step), "samples_seen": seen, "joint_samples": seen - joint_start, **rec})
+    return rec
