@@ -3,7 +3,8 @@
 # and beside it, on the same machine's CPU cores, the CPU recipe (configs/wztop_cpu.yaml) extended to
 # EPOCHS_CPU epochs. One command for a lent GPU (issue #17 item 5); results under $OUT:
 #
-#   bash scripts/wztop_gpu.sh [BUDGET_S]         # default 540 s; device: timeout_s = BUDGET_S + 30
+#   bash scripts/wztop_gpu.sh [BUDGET_S [train args...]]   # default 540 s; device: timeout_s = BUDGET_S + 30
+#   bash scripts/wztop_gpu.sh 525 --set loss.alpha_scale=2   # a variant of the recipe: args go to the gpu run
 #
 # 1. simulate W/Z/top jets (pT 850-1250 GeV): train seeds 301 (68,000 jets: the CPU recipe's sample) and
 #    303 (the rest of the generation budget: JETS_PER_WORKER per core), test seed 302 (16,500 jets),
@@ -15,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-540}
+shift $(( $# > 0 ? 1 : 0 ))
 T0=$SECONDS
 OUT=${OUT:-$PWD/wztop_gpu_out}
 W=${WORK:-$(mktemp -d)}
@@ -68,7 +70,7 @@ say "data ready"
 T_TRAIN=$(left 60)
 say "training for $T_TRAIN s"
 timeout -s TERM "$T_TRAIN" "${UC[@]}" train --config configs/wztop.yaml --data "$W/data/gpu" --test-data "$W/data/test" \
-  --out "$W/runs/gpu" --set train.eval_every_samples=250000 > "$W/train_gpu.log" 2>&1 & a=$!
+  --out "$W/runs/gpu" --set train.eval_every_samples=250000 "$@" > "$W/train_gpu.log" 2>&1 & a=$!
 JAX_PLATFORMS=cpu UCLUSTER_NO_TUNING= timeout -s TERM "$T_TRAIN" taskset -c 1-$(( NCPU - 1 )) "${UC[@]}" train --config configs/wztop_cpu.yaml \
   --data "$W/data/t1" --test-data "$W/data/test" --out "$W/runs/cpu" --set train.epochs="$EPOCHS_CPU" \
   > "$W/train_cpu.log" 2>&1 & c=$!
