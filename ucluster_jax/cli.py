@@ -1,4 +1,4 @@
-"""`ucluster` command line: prepare, generate, train, evaluate, info, import-tf1, bench.
+"""`ucluster` command line: prepare, generate, train, tune, evaluate, info, import-tf1, bench.
 
 Each subcommand lives in the module that owns its concern, as `add_args(parser)` and
 `run(args) -> int`; this file only dispatches, so startup imports nothing heavy.
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("ucluster_jax.evaluate", "cluster a dataset with a trained run; accuracy, plots, per-jet file"),
     "info": ("ucluster_jax.model.info", "print the model summary and trainable parameter count"),
     "import-tf1": ("ucluster_jax.tf1_import", "import an original UCluster TensorFlow 1 checkpoint as a run"),
+    "tune": ("ucluster_jax.tune", "search hyper-parameters with Optuna: trials are training runs, over ranks and jobs"),
     "bench": ("ucluster_jax.bench", "measure training, evaluation, data and scaling throughput"),
 }
 

@@ -76,8 +76,12 @@ class Logger:
 
 
 def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, resume: bool = False,
-          engine: str = "auto", num_devices: int | None = None, rt: Runtime | None = None) -> dict[str, Any]:
-    """Run (or continue) training; returns the last epoch's record."""
+          engine: str = "auto", num_devices: int | None = None, rt: Runtime | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or continue) training; returns the last epoch's record.
+
+    on_epoch(record) after each epoch is logged and checkpointed: a caller (`ucluster tune`'s pruner)
+    watches the scores as they come, and may stop the run by raising."""
     rt = rt or setup(engine, num_devices=num_devices)
     t = cfg.train
     if t.data_lanes % rt.world:
@@ -149,6 +153,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             rec["resumed_at_step"] = first
         save(state, epoch, epoch + 1, 0)
         log.epoch(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
     return rec
 
 

@@ -1,0 +1,304 @@
+"""`ucluster tune`: hyper-parameter search on Optuna, each trial a normal `ucluster train` run.
+
+Why Optuna: its storages (a journal file on a shared filesystem, or an RDB) let any number of workers,
+mpirun ranks or SLURM array tasks, share one study without a scheduler of ours. Each worker trains its
+trials single-process, in STUDY_DIR/trial-NNNN, through `train()`; its per-epoch score feeds the pruner.
+The budget, --trials, counts every trial in the storage that did not fail (docs/TUNING.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ucluster_jax.config import ConfigError, load_config
+from ucluster_jax.errors import UserError
+
+OBJECTIVES = {"accuracy": ("test_acc", "maximize"), "unsupervised": ("test_kmeans", "minimize")}
+SPEC_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+             "categorical": {"choices"}}
+HEARTBEAT_S = 10.0  # a running trial's worker touches trial-NNNN/heartbeat this often
+
+
+def _distribution(spec: Any):
+    """One SPACE.yaml entry -> an Optuna distribution, or ValueError saying what is wrong with it."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if not isinstance(spec, dict) or spec.get("type") not in SPEC_KEYS:
+        raise ValueError("expected a mapping with type: float, int or categorical")
+    kind = spec["type"]
+    extra = sorted(set(spec) - SPEC_KEYS[kind] - {"type"})
+    if extra:
+        raise ValueError(f"unknown field(s) {', '.join(extra)} for type {kind}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices or \
+                not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+            raise ValueError("choices must be a non-empty list of numbers, strings or booleans")
+        return CategoricalDistribution(choices)
+    num = int if kind == "int" else (int, float)
+    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    if not all(isinstance(v, num) and not isinstance(v, bool) for v in (low, high)):
+        raise ValueError(f"low and high must be {kind} numbers")
+    if not low <= high:
+        raise ValueError(f"low ({low}) must be <= high ({high})")
+    if not isinstance(log, bool) or (log and low <= 0) or (log and step is not None):
+        raise ValueError("log must be true or false, needs low > 0 and no step")
+    if step is not None and (not isinstance(step, num) or step <= 0):
+        raise ValueError(f"step must be a positive {kind}")
+    if kind == "int":
+        return IntDistribution(low, high, log=log, step=step or 1)
+    return FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def load_space(path: Path, base: Path, overrides: list[str]) -> dict[str, Any]:
+    """Read and check SPACE.yaml: every key a config key, every range's ends (or choices) a valid config."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read search space ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a mapping of config keys (train.learning_rate) to ranges")
+    space = {}
+    for key, spec in data.items():
+        try:
+            dist = _distribution(spec)
+            ends = dist.choices if hasattr(dist, "choices") else (dist.low, dist.high)
+            for v in ends:
+                load_config(base, overrides + [f"{key}={json.dumps(v)}"])
+        except (ValueError, ConfigError) as e:
+            raise ConfigError(f"{path}: {key}: {e}") from None
+        space[str(key)] = dist
+    return space
+
+
+class Heartbeat:
+    """Touches a file while a trial runs: a trial whose file goes stale lost its worker (docs/TUNING.md)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.stop = path, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            self.path.touch()
+
+    def __enter__(self) -> Heartbeat:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / f"trial-{number:04d}"
+
+
+def fail_stale(study, out: Path, stale_after: float) -> None:
+    """Mark failed the running trials whose heartbeat is older than stale_after seconds (worker killed)."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        hb = trial_dir(out, t.number) / "heartbeat"
+        last = hb.stat().st_mtime if hb.exists() else t.datetime_start.timestamp()
+        if time.time() - last > stale_after:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            print(f"trial {t.number}: no heartbeat for {time.time() - last:.0f} s, its worker is gone: failed",
+                  flush=True)
+
+
+def counts(study) -> dict[str, int]:
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    return {s: states.count(s) for s in ("complete", "running", "pruned", "fail")}
+
+
+def open_study(args: argparse.Namespace, direction: str):
+    """Create or load the study; refuse to continue one that optimised another objective."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = args.storage or JournalStorage(JournalFileBackend(str(args.out / "journal.log")))
+    study = optuna.create_study(storage=storage, study_name=args.study, direction=direction, load_if_exists=True,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    if study.user_attrs.get("objective", args.objective) != args.objective:
+        raise UserError(f"study {args.study!r} optimises {study.user_attrs['objective']}, not {args.objective}")
+    study.set_user_attr("objective", args.objective)
+    return study
+
+
+def run_trial(study, trial, cfg, args: argparse.Namespace, rt) -> None:
+    """Train one trial, report its score each joint epoch, tell the study how it ended."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ucluster_jax.train.loop import train
+
+    key = OBJECTIVES[args.objective][0]
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        if rec.get(key) is None:  # focal-only epochs: no clusters yet
+            return
+        trial.report(rec[key], rec["epoch"] - cfg.train.pretrain_epochs)  # step: joint epochs, comparable
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    run = trial_dir(args.out, trial.number)
+    try:
+        with Heartbeat(run / "heartbeat"):
+            rec = train(cfg, args.data, run, test_data=args.test_data, rt=rt, on_epoch=on_epoch)
+        value = rec.get(key)
+        if value is None or not math.isfinite(value):
+            raise UserError(f"no finite {key} in the last epoch")
+        study.tell(trial, value)
+        what = f"{key} {value:.4f}"
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        what = "pruned"
+    except UserError as e:  # a bad combination or a diverged run: this trial fails, the search goes on
+        trial.set_user_attr("error", str(e))
+        study.tell(trial, state=TrialState.FAIL)
+        what = f"failed: {e}"
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    c = counts(study)
+    print(f"trial {trial.number} {what} | done {c['complete']}, running {c['running']}, pruned {c['pruned']}, "
+          f"failed {c['fail']}; budget {args.trials}", flush=True)
+
+
+def work(study, space: dict, args: argparse.Namespace, overrides: list[str], seed: int) -> None:
+    """Ask and run trials until the budget is spent. Asking holds a lock file: the count and the new
+    trial's number agree across workers, and trial n's sampler seed is (seed, n) whoever runs it."""
+    import optuna
+    from optuna.storages.journal import JournalFileOpenLock
+
+    from ucluster_jax.parallel.runtime import setup
+
+    rt = setup("single")  # under mpirun each rank is its own worker
+    lock = JournalFileOpenLock(str(args.out / "ask"))
+    while True:
+        while not lock.acquire():
+            time.sleep(0.1)
+        try:
+            fail_stale(study, args.out, args.stale_after)
+            trials = study.get_trials(deepcopy=False)
+            if sum(t.state.name != "FAIL" for t in trials) >= args.trials:
+                return
+            ss = int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
+            study.sampler = optuna.samplers.TPESampler(seed=ss, constant_liar=True)
+            trial = study.ask(space)
+        finally:
+            lock.release()
+        params = [f"{k}={json.dumps(v)}" for k, v in trial.params.items()]
+        try:
+            cfg = load_config(args.config, overrides + params)
+        except ConfigError as e:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            print(f"trial {trial.number} failed: {e}", flush=True)
+            continue
+        run_trial(study, trial, cfg, args, rt)
+
+
+def report(study, args: argparse.Namespace) -> None:
+    """summary.json, best.yaml, the plots and a table on stdout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna.visualization.matplotlib as ovm
+
+    from ucluster_jax.checkpoint import atomic_write
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    summary: dict[str, Any] = {"study": args.study, "objective": args.objective,
+                               "direction": OBJECTIVES[args.objective][1], "budget": args.trials,
+                               "trials": counts(study), "best": None, "plots": []}
+    if done:
+        best = study.best_trial
+        cfg = json.loads((trial_dir(args.out, best.number) / "config.json").read_text())
+        atomic_write(args.out / "best.yaml", f"# trial {best.number}, {args.objective} {best.value}\n"
+                     + yaml.safe_dump(cfg, sort_keys=False))
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                           "run": trial_dir(args.out, best.number).name, "config": "best.yaml"}
+    plots = [("history.png", ovm.plot_optimization_history), ("parallel.png", ovm.plot_parallel_coordinate)]
+    if len(done) >= 2:
+        plots.append(("importances.png", ovm.plot_param_importances))
+    for name, plot in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna's "experimental" notices
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
+                summary.setdefault("plots_skipped", {})[name] = str(e)
+                continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.savefig(args.out / name, dpi=100, bbox_inches="tight")
+        matplotlib.pyplot.close(fig)
+        summary["plots"].append(name)
+    atomic_write(args.out / "summary.json", json.dumps(summary, indent=1))
+    keys = sorted({k for t in trials for k in t.params})
+    print(f"{'trial':>5} {'state':>8} {'value':>8}  " + "  ".join(keys))
+    for t in trials:
+        value = "" if t.value is None else f"{t.value:.4f}"
+        print(f"{t.number:>5} {t.state.name.lower():>8} {value:>8}  "
+              + "  ".join(f"{k}={t.params[k]:.4g}" if isinstance(t.params.get(k), float) else f"{k}={t.params.get(k)}"
+                          for k in keys))
+    best = summary["best"]
+    print(f"best: trial {best['number']} {args.objective} {best['value']:.4f} -> {args.out / 'best.yaml'}"
+          if best else "best: none (no completed trial)", flush=True)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="base YAML config every trial starts from")
+    p.add_argument("--space", required=True, type=Path, help="search space YAML (docs/TUNING.md)")
+    p.add_argument("--data", required=True, type=Path, help="parquet training set")
+    p.add_argument("--test-data", required=True, type=Path, help="parquet set each trial is scored on")
+    p.add_argument("--out", required=True, type=Path, help="study directory: trial-NNNN runs, journal, summary")
+    p.add_argument("--trials", type=int, default=20, help="the study's budget: non-failed trials, all workers")
+    p.add_argument("--storage", help="RDB URL (postgresql://..., sqlite:///...); default: OUT/journal.log")
+    p.add_argument("--study", default="ucluster", help="study name inside the storage")
+    p.add_argument("--seed", type=int, help="drives the sampler and every trial's train.seed (default: the config's)")
+    p.add_argument("--objective", default="accuracy", choices=OBJECTIVES,
+                   help="accuracy: final test_acc (labels); unsupervised: final test_kmeans, minimised")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value for every trial (repeatable)")
+    p.add_argument("--stale-after", type=float, default=300.0, metavar="S",
+                   help="fail a running trial whose heartbeat is older than S seconds (its worker died)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import optuna
+
+    from ucluster_jax.parallel.mpi import launched_world
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
+    if args.trials < 0 or args.stale_after <= 3 * HEARTBEAT_S:
+        raise UserError(f"--trials must be >= 0 and --stale-after > {3 * HEARTBEAT_S:g} s")
+    seed = load_config(args.config, args.overrides).train.seed if args.seed is None else args.seed
+    overrides = args.overrides + [f"train.seed={seed}"]
+    space = load_space(args.space, args.config, overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
+    study = open_study(args, OBJECTIVES[args.objective][1])
+    work(study, space, args, overrides, seed)
+    rank, size = launched_world()
+    if rank:
+        return 0  # rank 0 reports for the whole mpirun
+    while size > 1 and counts(study)["running"]:  # wait for the other ranks' last trials
+        time.sleep(2)
+        fail_stale(study, args.out, args.stale_after)
+    report(study, args)
+    return 0
