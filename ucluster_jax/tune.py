@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 import threading
 import time
 import warnings
@@ -104,6 +106,13 @@ class Heartbeat:
         self.thread.join()
 
 
+def worker_name() -> str:
+    """host, mpirun rank and pid: which worker ran a trial, in its user attributes."""
+    from ucluster_jax.parallel.mpi import launched_world
+
+    return f"{socket.gethostname()} rank {launched_world()[0]} pid {os.getpid()}"
+
+
 def trial_dir(out: Path, number: int) -> Path:
     return out / f"trial-{number:04d}"
 
@@ -157,6 +166,7 @@ def run_trial(study, trial, cfg, args: argparse.Namespace, rt) -> None:
             raise optuna.TrialPruned()
 
     run = trial_dir(args.out, trial.number)
+    trial.set_user_attr("worker", worker_name())
     try:
         with Heartbeat(run / "heartbeat"):
             rec = train(cfg, args.data, run, test_data=args.test_data, rt=rt, on_epoch=on_epoch)
