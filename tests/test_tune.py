@@ -6,7 +6,9 @@ k-means restarts, the seed), so trials after the first hit the session's compila
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 
 import optuna
 import pytest
@@ -46,7 +48,7 @@ def journal_trials(out):
     return optuna.load_study(study_name="ucluster", storage=storage).get_trials()
 
 
-def test_study_writes_a_trainable_best_config_and_a_rerun_continues(toy, tmp_path, capsys):
+def test_study_writes_a_trainable_best_config_and_a_rerun_continues_past_a_dead_worker(toy, tmp_path, capsys):
     out = tmp_path / "study"
     assert main(tune_args(toy, out, "--trials", "3", "--seed", "5")) == 0
     trials = journal_trials(out)
@@ -65,9 +67,18 @@ def test_study_writes_a_trainable_best_config_and_a_rerun_continues(toy, tmp_pat
     shown = capsys.readouterr().out
     assert "trial 2 " in shown and "budget 3" in shown and f"best: trial {best['number']}" in shown
 
-    assert main(tune_args(toy, out, "--trials", "4", "--seed", "5")) == 0  # the same study, one more trial
-    assert [t.number for t in journal_trials(out)] == [0, 1, 2, 3]
-    assert json.loads((out / "summary.json").read_text())["budget"] == 4
+    # a worker killed in trial 3: the trial stays RUNNING in the storage and its heartbeat goes stale
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "journal.log")))
+    assert optuna.load_study(study_name="ucluster", storage=storage).ask().number == 3
+    (out / "trial-0003").mkdir()
+    (out / "trial-0003" / "heartbeat").touch()
+    os.utime(out / "trial-0003" / "heartbeat", (time.time() - 600, time.time() - 600))
+    assert main(tune_args(toy, out, "--trials", "4", "--seed", "5")) == 0  # the same study continues
+    states = [t.state.name for t in journal_trials(out)]
+    assert states[3] == "FAIL" and states[4] in ("COMPLETE", "PRUNED") and len(states) == 5  # FAIL: not counted
+    assert "trial 3: no heartbeat" in capsys.readouterr().out
+    counts = json.loads((out / "summary.json").read_text())["trials"]
+    assert counts["complete"] + counts["pruned"] == 4 and counts["fail"] == 1 and counts["running"] == 0
 
 
 def test_bad_space_exits_2_with_one_line_naming_file_and_key(toy, tmp_path):

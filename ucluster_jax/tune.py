@@ -223,6 +223,19 @@ def work(study, space: dict, args: argparse.Namespace, overrides: list[str], see
         run_trial(study, trial, cfg, args, rt)
 
 
+def rank_agreement(out: Path, done: list) -> float | None:
+    """Spearman correlation of the completed trials' final test_acc and test_kmeans (both are logged
+    whatever the objective): how far the label-free criterion ranks trials like the accuracy.
+    -1: perfect agreement (k-means loss is minimised); None: fewer than 3 trials or a constant."""
+    from scipy.stats import spearmanr
+
+    last = [json.loads((trial_dir(out, t.number) / "metrics.jsonl").read_text().splitlines()[-1]) for t in done]
+    pairs = [(r["test_acc"], r["test_kmeans"]) for r in last if r.get("test_acc") is not None]
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({k for _, k in pairs}) < 2:
+        return None
+    return float(spearmanr(*zip(*pairs)).statistic)
+
+
 def report(study, args: argparse.Namespace) -> None:
     """summary.json, best.yaml, the plots and a table on stdout."""
     import matplotlib
@@ -244,6 +257,7 @@ def report(study, args: argparse.Namespace) -> None:
                      + yaml.safe_dump(cfg, sort_keys=False))
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                            "run": trial_dir(args.out, best.number).name, "config": "best.yaml"}
+    summary["acc_vs_kmeans_spearman"] = rank_agreement(args.out, done)
     plots = [("history.png", ovm.plot_optimization_history), ("parallel.png", ovm.plot_parallel_coordinate)]
     if len(done) >= 2:
         plots.append(("importances.png", ovm.plot_param_importances))
