@@ -8,6 +8,7 @@ The budget, --trials, counts every trial in the storage that did not fail (docs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ OBJECTIVES = {"accuracy": ("test_acc", "maximize"), "unsupervised": ("test_kmean
 SPEC_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
              "categorical": {"choices"}}
 HEARTBEAT_S = 10.0  # a running trial's worker touches trial-NNNN/heartbeat this often
+MAX_FAILS = 5  # a worker stops after this many failed trials in a row
 
 
 def _distribution(spec: Any):
@@ -84,26 +86,24 @@ def load_space(path: Path, base: Path, overrides: list[str]) -> dict[str, Any]:
     return space
 
 
-class Heartbeat:
-    """Touches a file while a trial runs: a trial whose file goes stale lost its worker (docs/TUNING.md)."""
+@contextlib.contextmanager
+def heartbeat(path: Path):
+    """Touch `path` while a trial runs: a trial whose file goes stale lost its worker (fail_stale)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    stop = threading.Event()
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.stop = path, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            path.touch()
 
-    def _beat(self) -> None:
-        while not self.stop.wait(HEARTBEAT_S):
-            self.path.touch()
-
-    def __enter__(self) -> Heartbeat:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def worker_name() -> str:
@@ -149,35 +149,38 @@ def open_study(args: argparse.Namespace, direction: str):
     return study
 
 
-def run_trial(study, trial, cfg, args: argparse.Namespace, rt) -> None:
-    """Train one trial, report its score each joint epoch, tell the study how it ended."""
+def run_trial(study, trial, args: argparse.Namespace, overrides: list[str], rt) -> str:
+    """Train one trial, report its score each joint epoch, tell the study how it ended (the state)."""
     import optuna
     from optuna.trial import TrialState
 
     from ucluster_jax.train.loop import train
 
-    key = OBJECTIVES[args.objective][0]
+    key, pretrain = OBJECTIVES[args.objective][0], 0
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if rec.get(key) is None:  # focal-only epochs: no clusters yet
             return
-        trial.report(rec[key], rec["epoch"] - cfg.train.pretrain_epochs)  # step: joint epochs, comparable
+        trial.report(rec[key], rec["epoch"] - pretrain)  # step: joint epochs, comparable across trials
         if trial.should_prune():
             raise optuna.TrialPruned()
 
-    run = trial_dir(args.out, trial.number)
     trial.set_user_attr("worker", worker_name())
+    state = TrialState.FAIL
     try:
-        with Heartbeat(run / "heartbeat"):
-            rec = train(cfg, args.data, run, test_data=args.test_data, rt=rt, on_epoch=on_epoch)
+        cfg = load_config(args.config, overrides + [f"{k}={json.dumps(v)}" for k, v in trial.params.items()])
+        pretrain = cfg.train.pretrain_epochs
+        with heartbeat(trial_dir(args.out, trial.number) / "heartbeat"):
+            rec = train(cfg, args.data, trial_dir(args.out, trial.number), test_data=args.test_data, rt=rt,
+                        on_epoch=on_epoch)
         value = rec.get(key)
         if value is None or not math.isfinite(value):
             raise UserError(f"no finite {key} in the last epoch")
         study.tell(trial, value)
-        what = f"{key} {value:.4f}"
+        state, what = TrialState.COMPLETE, f"{key} {value:.4f}"
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
-        what = "pruned"
+        state, what = TrialState.PRUNED, "pruned"
     except UserError as e:  # a bad combination or a diverged run: this trial fails, the search goes on
         trial.set_user_attr("error", str(e))
         study.tell(trial, state=TrialState.FAIL)
@@ -188,11 +191,13 @@ def run_trial(study, trial, cfg, args: argparse.Namespace, rt) -> None:
     c = counts(study)
     print(f"trial {trial.number} {what} | done {c['complete']}, running {c['running']}, pruned {c['pruned']}, "
           f"failed {c['fail']}; budget {args.trials}", flush=True)
+    return state.name
 
 
 def work(study, space: dict, args: argparse.Namespace, overrides: list[str], seed: int) -> None:
     """Ask and run trials until the budget is spent. Asking holds a lock file: the count and the new
-    trial's number agree across workers, and trial n's sampler seed is (seed, n) whoever runs it."""
+    trial's number agree across workers, and trial n's sampler seed is (seed, n) whoever runs it.
+    Failed trials do not count, so a worker gives up after MAX_FAILS of its own in a row."""
     import optuna
     from optuna.storages.journal import JournalFileOpenLock
 
@@ -200,7 +205,8 @@ def work(study, space: dict, args: argparse.Namespace, overrides: list[str], see
 
     rt = setup("single")  # under mpirun each rank is its own worker
     lock = JournalFileOpenLock(str(args.out / "ask"))
-    while True:
+    fails = 0
+    while fails < MAX_FAILS:
         while not lock.acquire():
             time.sleep(0.1)
         try:
@@ -213,14 +219,8 @@ def work(study, space: dict, args: argparse.Namespace, overrides: list[str], see
             trial = study.ask(space)
         finally:
             lock.release()
-        params = [f"{k}={json.dumps(v)}" for k, v in trial.params.items()]
-        try:
-            cfg = load_config(args.config, overrides + params)
-        except ConfigError as e:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            print(f"trial {trial.number} failed: {e}", flush=True)
-            continue
-        run_trial(study, trial, cfg, args, rt)
+        fails = fails + 1 if run_trial(study, trial, args, overrides, rt) == "FAIL" else 0
+    raise UserError(f"{MAX_FAILS} trials in a row failed (the reasons above); check the space and the base config")
 
 
 def rank_agreement(out: Path, done: list) -> float | None:
@@ -236,20 +236,42 @@ def rank_agreement(out: Path, done: list) -> float | None:
     return float(spearmanr(*zip(*pairs)).statistic)
 
 
-def report(study, args: argparse.Namespace) -> None:
-    """summary.json, best.yaml, the plots and a table on stdout."""
+def write_plots(study, out: Path, completed: int) -> tuple[list[str], dict[str, str]]:
+    """Optimisation history, parallel coordinates and (from 2 completed trials) importances as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
 
+    plots = [("history.png", ovm.plot_optimization_history), ("parallel.png", ovm.plot_parallel_coordinate)]
+    if completed >= 2:
+        plots.append(("importances.png", ovm.plot_param_importances))
+    written, skipped = [], {}
+    for name, plot in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna's "experimental" notices
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
+                skipped[name] = str(e)
+                continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.savefig(out / name, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(name)
+    return written, skipped
+
+
+def report(study, args: argparse.Namespace) -> None:
+    """summary.json, best.yaml, the plots and a table on stdout."""
     from ucluster_jax.checkpoint import atomic_write
 
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state.name == "COMPLETE"]
     summary: dict[str, Any] = {"study": args.study, "objective": args.objective,
                                "direction": OBJECTIVES[args.objective][1], "budget": args.trials,
-                               "trials": counts(study), "best": None, "plots": []}
+                               "trials": counts(study), "best": None}
     if done:
         best = study.best_trial
         cfg = json.loads((trial_dir(args.out, best.number) / "config.json").read_text())
@@ -258,29 +280,16 @@ def report(study, args: argparse.Namespace) -> None:
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                            "run": trial_dir(args.out, best.number).name, "config": "best.yaml"}
     summary["acc_vs_kmeans_spearman"] = rank_agreement(args.out, done)
-    plots = [("history.png", ovm.plot_optimization_history), ("parallel.png", ovm.plot_parallel_coordinate)]
-    if len(done) >= 2:
-        plots.append(("importances.png", ovm.plot_param_importances))
-    for name, plot in plots:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna's "experimental" notices
-            try:
-                ax = plot(study)
-            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
-                summary.setdefault("plots_skipped", {})[name] = str(e)
-                continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        fig.savefig(args.out / name, dpi=100, bbox_inches="tight")
-        matplotlib.pyplot.close(fig)
-        summary["plots"].append(name)
+    summary["plots"], skipped = write_plots(study, args.out, len(done))
+    if skipped:
+        summary["plots_skipped"] = skipped
     atomic_write(args.out / "summary.json", json.dumps(summary, indent=1))
     keys = sorted({k for t in trials for k in t.params})
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     print(f"{'trial':>5} {'state':>8} {'value':>8}  " + "  ".join(keys))
     for t in trials:
-        value = "" if t.value is None else f"{t.value:.4f}"
-        print(f"{t.number:>5} {t.state.name.lower():>8} {value:>8}  "
-              + "  ".join(f"{k}={t.params[k]:.4g}" if isinstance(t.params.get(k), float) else f"{k}={t.params.get(k)}"
-                          for k in keys))
+        print(f"{t.number:>5} {t.state.name.lower():>8} {'' if t.value is None else f'{t.value:.4f}':>8}  "
+              + "  ".join(f"{k}={show(t.params.get(k))}" for k in keys))
     best = summary["best"]
     print(f"best: trial {best['number']} {args.objective} {best['value']:.4f} -> {args.out / 'best.yaml'}"
           if best else "best: none (no completed trial)", flush=True)
