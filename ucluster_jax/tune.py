@@ -106,13 +106,6 @@ def heartbeat(path: Path):
         thread.join()
 
 
-def worker_name() -> str:
-    """host, mpirun rank and pid: which worker ran a trial, in its user attributes."""
-    from ucluster_jax.parallel.mpi import launched_world
-
-    return f"{socket.gethostname()} rank {launched_world()[0]} pid {os.getpid()}"
-
-
 def trial_dir(out: Path, number: int) -> Path:
     return out / f"trial-{number:04d}"
 
@@ -154,6 +147,7 @@ def run_trial(study, trial, args: argparse.Namespace, overrides: list[str], rt) 
     import optuna
     from optuna.trial import TrialState
 
+    from ucluster_jax.parallel.mpi import launched_world
     from ucluster_jax.train.loop import train
 
     key, pretrain = OBJECTIVES[args.objective][0], 0
@@ -165,7 +159,7 @@ def run_trial(study, trial, args: argparse.Namespace, overrides: list[str], rt) 
         if trial.should_prune():
             raise optuna.TrialPruned()
 
-    trial.set_user_attr("worker", worker_name())
+    trial.set_user_attr("worker", f"{socket.gethostname()} rank {launched_world()[0]} pid {os.getpid()}")
     state = TrialState.FAIL
     try:
         cfg = load_config(args.config, overrides + [f"{k}={json.dumps(v)}" for k, v in trial.params.items()])
@@ -269,7 +263,8 @@ def report(study, args: argparse.Namespace) -> None:
 
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state.name == "COMPLETE"]
-    summary: dict[str, Any] = {"study": args.study, "objective": args.objective,
+    storage = args.storage.split("://")[0] if args.storage else "journal.log"  # never a URL's password
+    summary: dict[str, Any] = {"study": args.study, "storage": storage, "objective": args.objective,
                                "direction": OBJECTIVES[args.objective][1], "budget": args.trials,
                                "trials": counts(study), "best": None}
     if done:
