@@ -170,17 +170,19 @@ def run_trial(study, trial, args: argparse.Namespace, overrides: list[str], rt) 
         value = rec.get(key)
         if value is None or not math.isfinite(value):
             raise UserError(f"no finite {key} in the last epoch")
-        study.tell(trial, value)
+        study.tell(trial, value, skip_if_finished=True)  # finished: failed by another worker (below)
         state, what = TrialState.COMPLETE, f"{key} {value:.4f}"
     except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         state, what = TrialState.PRUNED, "pruned"
+    except optuna.exceptions.UpdateFinishedTrialError:  # failed by another worker: heartbeat seen as stale
+        what = f"failed: another worker saw no heartbeat for {args.stale_after:g} s; raise --stale-after"
     except UserError as e:  # a bad combination or a diverged run: this trial fails, the search goes on
         trial.set_user_attr("error", str(e))
         study.tell(trial, state=TrialState.FAIL)
         what = f"failed: {e}"
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     c = counts(study)
     print(f"trial {trial.number} {what} | done {c['complete']}, running {c['running']}, pruned {c['pruned']}, "
