@@ -32,6 +32,14 @@ HEARTBEAT_S = 10.0  # a running trial's worker touches trial-NNNN/heartbeat this
 MAX_FAILS = 5  # a worker stops after this many failed trials in a row
 
 
+def _number(v: Any, kind: str) -> Any:
+    """YAML reads 1e-4 (no dot) as text: take it as the float it means."""
+    try:
+        return float(v) if kind == "float" and isinstance(v, str) else v
+    except ValueError:
+        return v
+
+
 def _distribution(spec: Any):
     """One SPACE.yaml entry -> an Optuna distribution, or ValueError saying what is wrong with it."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -49,7 +57,8 @@ def _distribution(spec: Any):
             raise ValueError("choices must be a non-empty list of numbers, strings or booleans")
         return CategoricalDistribution(choices)
     num = int if kind == "int" else (int, float)
-    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    low, high, step = (_number(spec.get(k), kind) for k in ("low", "high", "step"))
+    log = spec.get("log", False)
     if not all(isinstance(v, num) and not isinstance(v, bool) for v in (low, high)):
         raise ValueError(f"low and high must be {kind} numbers")
     if not low <= high:
