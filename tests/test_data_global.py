@@ -208,6 +208,8 @@ def test_cli_two_ranks_train_like_one_process(uneven, one_process, tmp_path):
     two = mpirun(2, *ucluster_args(*uneven, tmp_path / "run"), env=env_with(), timeout=1200)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert "row groups of up to" not in two.stderr  # the read-factor warning (loop.uneven_read_warning)
+    assert two.stdout.count("epoch   2") == 1  # only rank 0 logs
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*.msgpack"))) == 3  # one writer: rank 0
     assert_same_training(tmp_path / "run", one_process)
 
 
