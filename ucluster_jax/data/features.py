@@ -84,22 +84,27 @@ def mass_bin(mass: np.ndarray | float) -> np.ndarray:
     return np.clip(np.digitize(m, MASS_EDGES) - 1, 0, NUM_TARGETS - 1).astype(np.int32)
 
 
-def _wrap(dphi: np.ndarray) -> np.ndarray:
+def wrap_phi(dphi):
+    """An angle difference in [-pi, pi)."""
     return (dphi + np.pi) % (2 * np.pi) - np.pi
 
 
 def constituents_to_hls4ml(
-    px: np.ndarray, py: np.ndarray, pz: np.ndarray, e: np.ndarray
+    px: np.ndarray, py: np.ndarray, pz: np.ndarray, e: np.ndarray, jet_p4: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Constituent four-momenta [N,P] (padding: e <= 0) -> hls4ml [N,P,16] and jet pt/eta/phi/mass/e.
 
-    The jet is the sum of the given constituents. `*rel` are differences to the jet axis (phi wrapped),
+    The jet is the sum of the given constituents, or `jet_p4` [N,4] (px, py, pz, E) when the jet has more
+    constituents than are kept (the generator). `*rel` are differences to the jet axis (phi wrapped),
     ptrel/erel ratios to the jet; etarot/phirot copy etarel/phirel (no model uses them). Padded rows are 0.
     """
     px, py, pz, e = (np.asarray(a, np.float64) for a in (px, py, pz, e))
     valid = e > 0
     px, py, pz, e = (np.where(valid, a, 0.0) for a in (px, py, pz, e))
-    jpx, jpy, jpz, je = (a.sum(axis=1, keepdims=True) for a in (px, py, pz, e))
+    if jet_p4 is None:
+        jpx, jpy, jpz, je = (a.sum(axis=1, keepdims=True) for a in (px, py, pz, e))
+    else:
+        jpx, jpy, jpz, je = np.asarray(jet_p4, np.float64).T[..., None]
     jpt = np.hypot(jpx, jpy)
     jp = np.sqrt(jpt**2 + jpz**2)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -111,7 +116,7 @@ def constituents_to_hls4ml(
         eta = np.arcsinh(pz / np.maximum(pt, 1e-12))
         phi = np.arctan2(py, px)
         etarel = eta - jeta
-        phirel = _wrap(phi - jphi)
+        phirel = wrap_phi(phi - jphi)
         cos = pz / np.maximum(p, 1e-12)
         cols = (
             px, py, pz, e, e / np.maximum(je, 1e-12), pt, pt / np.maximum(jpt, 1e-12), eta, etarel, etarel,

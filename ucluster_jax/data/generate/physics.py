@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 
+from ucluster_jax.data.features import constituents_to_hls4ml, wrap_phi
 from ucluster_jax.data.generate.spec import (
-    GenConfig, INSTALL_HINT, JET_FEATURE_NAMES, MAX_CONSTITUENTS, PARTICLE_FEATURES, PROCESSES, _JET_COL,
+    GenConfig, INSTALL_HINT, JET_FEATURE_NAMES, MAX_CONSTITUENTS, PROCESSES, _JET_COL,
 )
 from ucluster_jax.errors import UserError
 
@@ -65,46 +66,19 @@ def check_pythia_settings(config: GenConfig) -> None:
                 raise UserError(f"Pythia rejected the setting {s!r}")
 
 
-def _wrap_phi(dphi: np.ndarray | float):
-    return (np.asarray(dphi) + np.pi) % (2.0 * np.pi) - np.pi
-
-
 def constituent_features(p4: np.ndarray, max_constituents: int = MAX_CONSTITUENTS):
     """hls4ml per-particle features of one jet from its constituents' (px, py, pz, E) [M,4].
 
     Returns (features [max_constituents,16] float32 in PARTICLE_FEATURE_NAMES order, sorted by pT
     and zero-padded; jet (pt, eta, phi, mass, multiplicity)). The jet is the E-scheme sum of all
-    M constituents (also those beyond max_constituents). etarot/phirot are not rotated: they repeat
-    etarel/phirel (the project reads only etarel, phirel, ptrel, deltaR, e, erel, pt, costhetarel).
+    M constituents (also those beyond max_constituents): `features.constituents_to_hls4ml`.
     """
     p4 = np.asarray(p4, dtype=np.float64)
-    jpx, jpy, jpz, je = p4.sum(axis=0)
-    jpt = math.hypot(jpx, jpy)
-    jp = math.sqrt(jpt * jpt + jpz * jpz)
-    jeta = math.asinh(jpz / jpt)
-    jphi = math.atan2(jpy, jpx)
-    jmass = math.sqrt(max(je * je - jp * jp, 0.0))
-    jcos = jpz / jp
-
-    px, py, pz, e = p4.T
-    pt = np.hypot(px, py)
-    order = np.argsort(-pt, kind="stable")[:max_constituents]
-    px, py, pz, e, pt = px[order], py[order], pz[order], e[order], pt[order]
-    p = np.sqrt(pt * pt + pz * pz)
-    eta = np.arcsinh(pz / pt)
-    phi = np.arctan2(py, px)
-    etarel = eta - jeta
-    phirel = _wrap_phi(phi - jphi)
-    costheta = pz / p
-    cols = {
-        "px": px, "py": py, "pz": pz, "e": e, "erel": e / je, "pt": pt, "ptrel": pt / jpt,
-        "eta": eta, "etarel": etarel, "etarot": etarel, "phi": phi, "phirel": phirel,
-        "phirot": phirel, "deltaR": np.hypot(etarel, phirel), "costheta": costheta,
-        "costhetarel": costheta - jcos,
-    }
-    out = np.zeros((max_constituents, len(PARTICLE_FEATURES)), dtype=np.float32)
-    out[: len(order)] = np.stack([cols[n] for n in PARTICLE_FEATURES], axis=1)
-    return out, (jpt, jeta, jphi, jmass, int(p4.shape[0]))
+    order = np.argsort(-np.hypot(p4[:, 0], p4[:, 1]), kind="stable")[:max_constituents]
+    kept = np.zeros((1, max_constituents, 4))
+    kept[0, : len(order)] = p4[order]
+    const, jet = constituents_to_hls4ml(*kept.transpose(2, 0, 1), jet_p4=p4.sum(axis=0)[None])
+    return const[0], (jet["pt"][0], jet["eta"][0], jet["phi"][0], jet["mass"][0], int(p4.shape[0]))
 
 
 def jet_row(process: str, pt: float, eta: float, mass: float, multiplicity: int) -> np.ndarray:
@@ -210,7 +184,7 @@ class JetSimulator:
             for t, (teta, tphi) in enumerate(truth):
                 if t in used:
                     continue
-                dr = math.hypot(jeta - teta, float(_wrap_phi(jphi - tphi)))
+                dr = math.hypot(jeta - teta, float(wrap_phi(jphi - tphi)))
                 if dr < best_dr:
                     best, best_dr = t, dr
             if best < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ucluster_jax.data.features import HLS4ML_PARTICLE_NAMES
 from ucluster_jax.errors import UserError
 
 
@@ -29,11 +30,8 @@ JET_FEATURE_NAMES: tuple[str, ...] = (
 )
 assert len(JET_FEATURE_NAMES) == 59
 
-PARTICLE_FEATURES: tuple[str, ...] = (
-    "px", "py", "pz", "e", "erel", "pt", "ptrel", "eta", "etarel", "etarot",
-    "phi", "phirel", "phirot", "deltaR", "costheta", "costhetarel",
-)
-PARTICLE_FEATURE_NAMES: tuple[str, ...] = tuple("j1_" + n for n in PARTICLE_FEATURES)
+PARTICLE_FEATURE_NAMES: tuple[str, ...] = HLS4ML_PARTICLE_NAMES  # one list: data/features.py
+PARTICLE_FEATURES: tuple[str, ...] = tuple(n.removeprefix("j1_") for n in PARTICLE_FEATURE_NAMES)
 
 _JET_COL = {n: i for i, n in enumerate(JET_FEATURE_NAMES)}
 
