@@ -108,11 +108,10 @@ def cmd_mass(a: argparse.Namespace) -> dict:
 
 def _mass_plot(mass: np.ndarray, label: np.ndarray, names: tuple[str, ...], cuts: tuple[float, float],
                path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ucluster_jax.plots import jets
+    from ucluster_jax.plotstyle import save, subplots
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     bins = np.linspace(0, 200, 81)
     for c, name in enumerate(names):
         ax.hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=f"{name} ({np.sum(label == c)})")
@@ -124,10 +123,7 @@ def _mass_plot(mass: np.ndarray, label: np.ndarray, names: tuple[str, ...], cuts
     ax.set_ylabel("jets / 2.5 GeV")
     ax.set_title("test jets; dotted: original windows, dashed: best cuts (train)")
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, jets(names))
 
 
 def _load_epoch(run: Path, epoch: int | None):

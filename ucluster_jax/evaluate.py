@@ -83,12 +83,13 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         if metrics_file.exists():
             recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
             if recs:
-                plots.training_curves(recs, out / "training.png")
+                plots.training_curves(recs, out / "training.png", plots.jets(names))
         curve_file = Path(run_dir) / "curve.jsonl"
         if curve_file.exists():
             rows = [json.loads(line) for line in curve_file.read_text().splitlines() if line.strip()]
             if rows:
-                plots.accuracy_vs_samples({Path(run_dir).name: rows}, out / "accuracy_vs_samples.png")
+                plots.accuracy_vs_samples({Path(run_dir).name: rows}, out / "accuracy_vs_samples.png",
+                                          sample=plots.jets(names))
     checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 

@@ -1,26 +1,22 @@
-"""PNG plots people look at: the latent space by cluster and by truth, jet mass per cluster, training curves."""
+"""PNG plots people look at: the latent space by cluster and by truth, jet mass per cluster, training curves;
+all in the one style of plotstyle.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+from ucluster_jax.plotstyle import SAMPLE, save, subplots
 
 
 def class_name(class_names: tuple[str, ...], c: int, other: str) -> str:
     """The dataset's name of truth class `c`; `other` for unlabelled or unknown values."""
     return class_names[c] if 0 <= c < len(class_names) else other
+
+
+def jets(class_names: tuple[str, ...]) -> str:
+    """The sample a plot shows, named by the dataset's classes: "W/Z/top jets"."""
+    return "/".join(class_names) + " jets"
 
 
 def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.ndarray | None, path: Path,
@@ -31,7 +27,7 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
     z, cluster, label = z[sel], cluster[sel], label[sel]
     d = z.shape[1]
     pairs = [(i, j) for i in range(d) for j in range(i + 1, d)] or [(0, 0)]
-    fig, axes = plt.subplots(2, len(pairs), figsize=(4.2 * len(pairs), 8), squeeze=False)
+    fig, axes = subplots(2, len(pairs), figsize=(4.2 * len(pairs), 8), squeeze=False)
     for col, (i, j) in enumerate(pairs):
         for row, (colour, title) in enumerate(((cluster, "cluster"), (label, "truth"))):
             ax = axes[row, col]
@@ -45,13 +41,13 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
             ax.set_ylabel(f"z{j}")
             ax.set_title(f"latent by {title}" + (" (x: centroids)" if mu is not None else ""))
             ax.legend(markerscale=4, fontsize=7)
-    return _save(fig, path)
+    return save(fig, path, jets(class_names))
 
 
 def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, path: Path,
               class_names: tuple[str, ...]) -> Path:
     """Jet mass of each cluster, and of each truth class for comparison."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     bins = np.linspace(0, 250, 51)
     for c in range(k):
         axes[0].hist(mass[cluster == c], bins=bins, histtype="step", lw=1.5, label=f"cluster {c}")
@@ -62,13 +58,13 @@ def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, 
         ax.set_ylabel("jets")
         ax.set_title(title)
         ax.legend()
-    return _save(fig, path)
+    return save(fig, path, jets(class_names))
 
 
-def training_curves(records: list[dict], path: Path) -> Path:
+def training_curves(records: list[dict], path: Path, sample: str = SAMPLE) -> Path:
     """Loss parts and accuracies per epoch from metrics.jsonl."""
     ep = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     for key in ("loss", "focal", "kmeans"):
         axes[0].plot(ep, [r.get(key) for r in records], label=key)
     axes[0].set_yscale("log")
@@ -80,13 +76,14 @@ def training_curves(records: list[dict], path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.legend()
     axes[1].set_ylabel("matched accuracy")
-    return _save(fig, path)
+    return save(fig, path, sample)
 
 
-def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[dict] | None = None) -> Path:
+def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[dict] | None = None,
+                        sample: str = SAMPLE) -> Path:
     """Global test accuracy and test k-means loss against joint-phase samples (RUN/curve.jsonl rows),
     with the original run's logged test accuracy (per-batch matched) on the same axis."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = subplots(1, 2, figsize=(12, 4.2))
     for name, rows in runs.items():
         x = [max(r["joint_samples"], 1) for r in rows]
         axes[0].plot(x, [r["test_acc"] for r in rows], marker=".", label=name)
@@ -102,4 +99,4 @@ def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[
         ax.set_xlabel("joint-phase training samples")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path, sample)

@@ -179,11 +179,9 @@ def rank_agreement(out: Path, done: list) -> float | None:
 
 def write_plots(study, out: Path, completed: int) -> tuple[list[str], dict[str, str]]:
     """Optimisation history, parallel coordinates and (from 2 completed trials) importances as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+
+    from ucluster_jax.plotstyle import save
 
     plots = [("history.png", ovm.plot_optimization_history), ("parallel.png", ovm.plot_parallel_coordinate)]
     if completed >= 2:
@@ -197,9 +195,7 @@ def write_plots(study, out: Path, completed: int) -> tuple[list[str], dict[str, 
             except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
                 skipped[name] = str(e)
                 continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        fig.savefig(out / name, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        save((ax.flat[0] if hasattr(ax, "flat") else ax).figure, out / name, dpi=100)
         written.append(name)
     return written, skipped
 

@@ -201,5 +201,5 @@ def run(args: argparse.Namespace) -> int:
     print_table(res, log)
     (out / "bench.json").write_text(json.dumps(res, indent=1, default=float))
     png = plot(res, out / "bench.png")
-    log(f"\nwrote {out / 'bench.json'}" + (f" and {png}" if png else "") + f" ({res['wall_s']:.0f} s)")
+    log(f"\nwrote {out / 'bench.json'} and {png} ({res['wall_s']:.0f} s)")
     return 0

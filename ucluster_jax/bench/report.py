@@ -58,15 +58,10 @@ def fit_and_project(mpi: list[dict], per_gpu_jets_per_s: float, batch_per_gpu: i
                            "compute_step_s": t_gpu, "points": proj}}
 
 
-def plot(res: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot(res: dict, path: Path) -> Path:
+    from ucluster_jax.plotstyle import save, subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = subplots(2, 2, figsize=(12, 9))
     ax = axes[0, 0]
     if res.get("train"):
         b = [r["batch"] for r in res["train"]]
@@ -119,10 +114,7 @@ def plot(res: dict, path: Path) -> Path | None:
     else:
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, "toy W/Z/top jets")
 
 
 def _label(ax, x: str, y: str, title: str) -> None:
