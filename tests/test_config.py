@@ -30,3 +30,10 @@ def test_cli_prints_one_line_and_exits_2(capsys):
     assert cli.main(["info", "--set", "train.kmeans_restarts=0"]) == 2
     err = capsys.readouterr().err
     assert err == "ucluster info: error: train.kmeans_restarts=0: must be >= 1\n"
+
+
+def test_tensorboard_is_on_by_default_and_a_bool():
+    assert load_config(None).train.tensorboard is True
+    assert load_config(None, ["train.tensorboard=false"]).train.tensorboard is False
+    with pytest.raises(ConfigError, match="cannot use 'maybe' as bool"):
+        load_config(None, ["train.tensorboard=maybe"])

@@ -1,5 +1,6 @@
 """Two-phase training end to end: phases, reproducibility, exact resume, CLI contract."""
 import json
+import struct
 import subprocess
 
 import jax
@@ -52,7 +53,9 @@ def test_train_is_reproducible_and_resume_is_exact(toy_small, single_run, tmp_pa
     assert 0.0 <= rec["test_acc"] <= 1.0 and rec["train_acc"] > 0.34
     assert recs[0]["lr"] == pytest.approx(1e-3) and rec["alpha"] == 4.0 and recs[1]["alpha"] == 0.0
 
-    train(cfg, train_dir, tmp_path / "b", test_data=test_dir)  # same seed: same numbers
+    off = load_config("configs/demo.yaml", TINY + ["train.tensorboard=false"])
+    train(off, train_dir, tmp_path / "b", test_data=test_dir)  # same seed: same numbers, with or without events
+    assert not (tmp_path / "b" / "tb").exists()
     # interrupted after 2 epochs (the k-means epoch is next), then resumed
     train(load_config("configs/demo.yaml", TINY + ["train.epochs=2"]), train_dir, tmp_path / "c")
     train(cfg, train_dir, tmp_path / "c", resume=True)
@@ -71,6 +74,35 @@ def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
     last = json.loads((single_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rows[-1]["test_acc"] == last["test_acc"] and rows[-1]["test_kmeans"] == last["test_kmeans"]
     assert all(0 < r["test_acc"] <= 1 and r["test_kmeans"] > 0 for r in rows)
+
+
+def tb_scalars(run):
+    """{tag: [(step, value)]} of the event files in RUN/tb, read with tensorboardX's own protobuf
+    (each record: u64 length, u32 crc, the Event, u32 crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for f in sorted((run / "tb").glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_events_hold_the_epoch_records_and_the_curve(single_run):
+    recs = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (single_run / "curve.jsonl").read_text().splitlines()]
+    tb = tb_scalars(single_run)
+    for key in ("loss", "focal", "kmeans", "lr", "alpha", "jets_per_s"):
+        assert tb[f"epoch/{key}"] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in recs], key
+    for key in ("train_acc", "test_acc"):
+        assert tb[f"epoch/{key}"] == [(2, pytest.approx(recs[-1][key], rel=1e-6))], key
+    assert tb["curve/test_acc"] == [(r["joint_samples"], pytest.approx(r["test_acc"], rel=1e-6)) for r in rows]
+    assert not any(tag.endswith(("/epoch", "/step", "/samples_seen")) for tag in tb)
 
 
 def test_original_log_on_the_joint_sample_axis():

@@ -87,6 +87,7 @@ class TrainConfig:
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, count it)
     checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
     keep_checkpoints: int = 3
+    tensorboard: bool = True  # also write TensorBoard event files in RUN/tb (rank 0)
 
 
 @dataclass(frozen=True)

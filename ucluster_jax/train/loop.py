@@ -26,6 +26,7 @@ from ucluster_jax.errors import CheckpointError, DataError, UserError
 from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
+from ucluster_jax.tblog import EventLog
 from ucluster_jax.train.scoring import init_centroids, score_point
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase
 
@@ -49,16 +50,20 @@ def uneven_read_warning(ds: ParquetDataset, path: Path) -> str | None:
 
 
 class Logger:
-    """One line per epoch on stdout and a JSONL record (rank 0 only)."""
+    """One line per epoch on stdout, JSONL records and, with `tensorboard`, the same numbers as
+    TensorBoard events in RUN/tb (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.events = EventLog(run_dir) if enabled and tensorboard else None
 
     def epoch(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._append(self.path, rec)
+        if self.events is not None:
+            self.events.epoch(rec)
         acc = "" if rec.get("train_acc") is None else f" acc {rec['train_acc']:.4f} (per-batch {rec['train_acc_per_batch']:.4f})"
         test = "" if rec.get("test_acc") is None else f" test acc {rec['test_acc']:.4f}"
         print(f"epoch {rec['epoch']:3d} loss {rec['loss']:.5f} (focal {rec['focal']:.5f} kmeans {rec['kmeans']:.5f})"
@@ -68,6 +73,12 @@ class Logger:
         """One point of the test curve against joint-phase samples (RUN/curve.jsonl)."""
         if self.enabled:
             self._append(self.path.with_name("curve.jsonl"), rec)
+        if self.events is not None:
+            self.events.point(rec)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
     @staticmethod
     def _append(path: Path, rec: dict[str, Any]) -> None:
@@ -106,7 +117,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
     step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     steps = ds.steps_per_epoch(t.batch_size)
-    log = Logger(out, rt.is_root)
+    log = Logger(out, rt.is_root, t.tensorboard)
     rec: dict[str, Any] = {}
 
     def save(state, epoch: int, next_epoch: int, next_step: int) -> None:
@@ -117,44 +128,48 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
                                   "world": rt.world, "replicas": rt.replicas, "engine": rt.engine.name})
 
-    for epoch in range(start_epoch, t.epochs):
-        first = start_step if epoch == start_epoch else 0
-        host = rt.host_state(state)
-        if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
-            mu = init_centroids(rt, cfg, host, ds)
-            host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
-            if rt.is_root:
-                print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}", flush=True)
-        alpha, weight, joint_lr = phase(cfg, epoch)
-        # at the epoch's first step
-        lr = float(learning_rate(int(host.samples_seen) - first * t.batch_size, t, rt.replicas, joint_lr))
-        state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight),
-                                          joint_lr=jnp.float32(joint_lr)))
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            first = start_step if epoch == start_epoch else 0
+            host = rt.host_state(state)
+            if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
+                mu = init_centroids(rt, cfg, host, ds)
+                host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
+                if rt.is_root:
+                    print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}",
+                          flush=True)
+            alpha, weight, joint_lr = phase(cfg, epoch)
+            # at the epoch's first step
+            lr = float(learning_rate(int(host.samples_seen) - first * t.batch_size, t, rt.replicas, joint_lr))
+            state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight),
+                                              joint_lr=jnp.float32(joint_lr)))
 
-        mid_epoch = (lambda st, s: save(st, epoch - 1, epoch, s)) if t.checkpoint_every_steps else None
-        score = None
-        if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
-            score = functools.partial(score_point, rt, cfg, test_ds, log.point, epoch=epoch, alpha=alpha,
-                                      joint_start=t.pretrain_epochs * steps * t.batch_size)
-        state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
-        host = rt.host_state(state)
-        if int(host.nonfinite_steps) > 0:
-            msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
-                   f"({int(host.nonfinite_steps)} update(s) skipped)")
-            if t.nonfinite == "stop":
-                last = checkpoint.list_checkpoints(out)
-                raise UserError(f"{msg}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
-            rec["nonfinite_skipped"] = int(host.nonfinite_steps)
-        rt.check_replicas(state, f"epoch {epoch}")
-        if score is not None:
-            rec.update(score(host))
-        rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
-        if first:
-            rec["resumed_at_step"] = first
-        save(state, epoch, epoch + 1, 0)
-        log.epoch(rec)
-        if on_epoch is not None:
-            on_epoch(rec)
+            mid_epoch = (lambda st, s: save(st, epoch - 1, epoch, s)) if t.checkpoint_every_steps else None
+            score = None
+            if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
+                score = functools.partial(score_point, rt, cfg, test_ds, log.point, epoch=epoch, alpha=alpha,
+                                          joint_start=t.pretrain_epochs * steps * t.batch_size)
+            state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
+            host = rt.host_state(state)
+            if int(host.nonfinite_steps) > 0:
+                msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
+                       f"({int(host.nonfinite_steps)} update(s) skipped)")
+                if t.nonfinite == "stop":
+                    last = checkpoint.list_checkpoints(out)
+                    raise UserError(f"{msg}; stopped. Last good checkpoint: {last[-1] if last else 'none'}")
+                rec["nonfinite_skipped"] = int(host.nonfinite_steps)
+            rt.check_replicas(state, f"epoch {epoch}")
+            if score is not None:
+                rec.update(score(host))
+            rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
+            if first:
+                rec["resumed_at_step"] = first
+            save(state, epoch, epoch + 1, 0)
+            log.epoch(rec)
+            if on_epoch is not None:
+                on_epoch(rec)
+    finally:
+        log.close()
     return rec
 
 

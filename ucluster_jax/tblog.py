@@ -1,0 +1,36 @@
+"""TensorBoard event files of a training run, in RUN/tb (rank 0, `train.tensorboard`).
+
+The same numbers as metrics.jsonl and curve.jsonl, in the form physicists watch a training in
+(`tensorboard --logdir RUN/tb`); tensorboardX writes them without TensorFlow."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tensorboardX import SummaryWriter
+
+# record keys that count rather than measure: the x axes and bookkeeping, not scalars to plot
+COUNTERS = {"epoch", "step", "steps", "samples_seen", "joint_samples", "resumed_at_step"}
+
+
+class EventLog:
+    """Epoch records against the epoch (tags epoch/KEY), test-curve points against joint-phase samples
+    (tags curve/KEY)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def _scalars(self, group: str, rec: dict[str, Any], x: int) -> None:
+        for key, value in rec.items():
+            if key not in COUNTERS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{key}", value, x)
+        self.writer.flush()
+
+    def epoch(self, rec: dict[str, Any]) -> None:
+        self._scalars("epoch", rec, rec["epoch"])
+
+    def point(self, rec: dict[str, Any]) -> None:
+        self._scalars("curve", rec, rec["joint_samples"])
+
+    def close(self) -> None:
+        self.writer.close()
