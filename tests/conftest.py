@@ -1,4 +1,5 @@
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,4 +70,21 @@ def single_run(toy_small, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY + ["train.eval_every_samples=256"])  # scoring reads only
     train(cfg, toy_small[0], out, test_data=toy_small[1])
+    return out
+
+
+def tb_scalars(run):
+    """{tag: [(step, value)]} of the event files in RUN/tb, read with tensorboardX's own protobuf
+    (each record: u64 length, u32 crc, the Event, u32 crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for f in sorted((run / "tb").glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from conftest import BIN, REPO, mpirun
+from conftest import BIN, REPO, mpirun, tb_scalars
 from test_reliability_mpi import rank_pids
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
@@ -210,6 +210,7 @@ def test_cli_two_ranks_train_like_one_process(uneven, one_process, tmp_path):
     assert "row groups of up to" not in two.stderr  # the read-factor warning (loop.uneven_read_warning)
     assert two.stdout.count("epoch   2") == 1  # only rank 0 logs
     assert len(list((tmp_path / "run" / "checkpoints").glob("*.msgpack"))) == 3  # one writer: rank 0
+    assert [e for e, _ in tb_scalars(tmp_path / "run")["epoch/loss"]] == [0, 1, 2]  # one event writer: rank 0
     assert_same_training(tmp_path / "run", one_process)
 
 

@@ -1,6 +1,5 @@
 """Two-phase training end to end: phases, reproducibility, exact resume, CLI contract."""
 import json
-import struct
 import subprocess
 
 import jax
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from conftest import BIN, REPO, TINY, shared_file
+from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
 from ucluster_jax.original_log import read_log
@@ -74,23 +73,6 @@ def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
     last = json.loads((single_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rows[-1]["test_acc"] == last["test_acc"] and rows[-1]["test_kmeans"] == last["test_kmeans"]
     assert all(0 < r["test_acc"] <= 1 and r["test_kmeans"] > 0 for r in rows)
-
-
-def tb_scalars(run):
-    """{tag: [(step, value)]} of the event files in RUN/tb, read with tensorboardX's own protobuf
-    (each record: u64 length, u32 crc, the Event, u32 crc)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    out = {}
-    for f in sorted((run / "tb").glob("events.out.tfevents.*")):
-        data, i = f.read_bytes(), 0
-        while i < len(data):
-            n = struct.unpack("<Q", data[i:i + 8])[0]
-            event = Event.FromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4
-            for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, v.simple_value))
-    return out
 
 
 def test_tensorboard_events_hold_the_epoch_records_and_the_curve(single_run):
