@@ -29,7 +29,8 @@ def save(fig, path: Path, sample: str = SAMPLE, dpi: int = 110) -> Path:
     with plt.style.context(STYLE):
         for ax in (a for a in fig.axes if a.axison):
             ax.set_title(ax.get_title(), pad=22)
-            hep.label.exp_label(exp="UCluster", data=False, rlabel=f"{sample} (13 TeV)", ax=ax)
+            hep.label.exp_label(exp="UCluster", data=False, rlabel=f"{sample} (13 TeV)", ax=ax, fontsize=9)
+        fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.png")
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
