@@ -113,7 +113,6 @@ def plot(res: dict, path: Path) -> Path:
         ax.set_title(f"--compare (global batch {cmp_[0].get('global_batch')})")
     else:
         ax.axis("off")
-    fig.tight_layout()
     return save(fig, path, "toy W/Z/top jets")
 
 
