@@ -11,6 +11,11 @@
         the test accuracy of the checkpoint of epoch E with its moving-average BatchNorm statistics (what
         `evaluate` uses), with statistics recomputed over N training batches (precise BN), and the
         distances between its centroids.
+    python scripts/baselines.py boundary --run RUN --epoch E --train TRAIN --test TEST [--plot PNG] [--json OUT]
+        where in jet mass the checkpoint of epoch E moves test jets from one cluster to the next: the class
+        its clusters give per 1 GeV of mass, the masses where the majority changes, and the accuracy of a
+        mass-only classifier that gives every jet its mass bin's majority (equal to the model's accuracy
+        when the clusters are mass windows), beside the best cuts fitted on TRAIN.
     python scripts/baselines.py supervised-data --data IN --out OUT [--part N]
         a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top),
         num_targets the number of classes.
@@ -200,6 +205,55 @@ def cmd_bn(a: argparse.Namespace) -> dict:
             "centroids": mu.round(4).tolist()}
 
 
+def cmd_boundary(a: argparse.Namespace) -> dict:
+    from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.scoring import embed
+
+    cfg, state, meta = _load_epoch(a.run, a.epoch)
+    test = ParquetDataset(a.test)
+    names = test.meta.class_names
+    c = len(names)
+    o = embed(setup("single"), cfg, state, test.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
+    y, m = o["label"].astype(np.int64), o["mass"].astype(np.float64)
+    cont = contingency_np(np.argmin(o["dist"], 1), y, cfg.model.num_clusters, c)
+    acc, mapping = matched_accuracy(cont)
+    cls = np.asarray(mapping)[np.argmin(o["dist"], 1)]  # the class each jet's cluster stands for
+    edges = np.arange(0.0, 301.0, 1.0)
+    b = np.clip(np.digitize(m, edges) - 1, 0, len(edges) - 2)
+    frac = np.stack([np.bincount(b, weights=cls == k, minlength=len(edges) - 1) for k in range(c)])
+    filled = frac.sum(0) > 0
+    frac[:, filled] /= frac[:, filled].sum(0)
+    majority = np.argmax(frac, 0)
+    changes = [float(edges[i]) for i in np.flatnonzero(filled[1:] & filled[:-1] & (majority[1:] != majority[:-1])) + 1]
+    a_cut, b_cut, _ = best_cuts(*_mass_label(a.train)[:2])
+    best = window_predict(m, a_cut, (a_cut, b_cut), (b_cut, np.inf))
+    if a.plot:
+        _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot)
+    return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": acc, "confusion": cont.tolist(),
+            "majority_changes_gev": changes, "accuracy_mass_majority": float(np.mean(majority[b] == y)),
+            "best_cuts_train_gev": [a_cut, b_cut], "accuracy_best_cuts": float(np.mean(best == y)),
+            "n_test": int(len(y))}
+
+
+def _boundary_plot(edges: np.ndarray, frac: np.ndarray, filled: np.ndarray, names: tuple[str, ...],
+                   cuts: tuple[float, float], path: Path) -> None:
+    from ucluster_jax.plots import jets
+    from ucluster_jax.plotstyle import save, subplots
+
+    fig, ax = subplots(figsize=(6.4, 4.2))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    for k, name in enumerate(names):
+        ax.plot(centres[filled], frac[k, filled], drawstyle="steps-mid", lw=1.5, label=f"cluster of {name}")
+    for x in cuts:
+        ax.axvline(x, color="k", ls="--", lw=1)
+    ax.set_xlim(40, 220)
+    ax.set_xlabel("jet mass [GeV]")
+    ax.set_ylabel("fraction of test jets")
+    ax.set_title("where the clusters change; dashed: best mass cuts (train, with truth)")
+    ax.legend()
+    save(fig, path, jets(names))
+
+
 def cmd_supervised_data(a: argparse.Namespace) -> dict:
     from dataclasses import replace
 
@@ -251,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s.add_argument("--batches", type=int, default=100, help="training batches for the precise statistics")
+    s = sub.add_parser("boundary")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--epoch", type=int, required=True)
+    s.add_argument("--train", type=Path, required=True)
+    s.add_argument("--test", type=Path, required=True)
+    s.add_argument("--plot", type=Path, help="PNG of the cluster fractions against the jet mass")
     s = sub.add_parser("supervised-data")
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
@@ -262,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sub.choices.values():
         s.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "supervised-data": cmd_supervised_data,
+    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "boundary": cmd_boundary, "supervised-data": cmd_supervised_data,
            "supervised": cmd_supervised}[a.cmd](a)
     text = json.dumps(res, indent=1)
     if a.json:
