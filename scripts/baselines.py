@@ -229,8 +229,10 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
     best = window_predict(m, a_cut, (a_cut, b_cut), (b_cut, np.inf))
     if a.plot:
         _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot)
+    means = sorted(float(np.mean(m[cls == k])) for k in range(c) if np.any(cls == k))
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": acc, "confusion": cont.tolist(),
-            "majority_changes_gev": changes, "accuracy_mass_majority": float(np.mean(majority[b] == y)),
+            "majority_changes_gev": changes, "cluster_mean_mass_gev": means,
+            "midpoints_of_means_gev": [0.5 * (u + v) for u, v in zip(means, means[1:])], "accuracy_mass_majority": float(np.mean(majority[b] == y)),
             "best_cuts_train_gev": [a_cut, b_cut], "accuracy_best_cuts": float(np.mean(best == y)),
             "n_test": int(len(y))}
 
