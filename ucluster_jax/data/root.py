@@ -114,6 +114,11 @@ def is_root_file(path: str | Path) -> bool:
         return False
 
 
+def _why(e: Exception) -> str:
+    """An uproot error on one line (its messages span several): the CLI prints one line per error."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
 def _describe(a: ak.Array) -> tuple[str, str]:
     """('jagged' | 'flat' | 'other', the type as awkward writes it) of one branch's array."""
     layout, text = a.layout, str(a.type.content)
@@ -146,7 +151,7 @@ def inspect_root(path: Path, mapping: RootMapping) -> int:
                 raise DataError(f"{path}: tree '{mapping.tree}' holds no jets")
             first = tree.arrays([b for b, _ in wanted], entry_stop=1, library="ak")
     except READ_ERRORS as e:
-        raise DataError(f"{path}: not a readable ROOT file ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: not a readable ROOT file ({_why(e)})") from None
     for b, kind in wanted:
         got, text = _describe(first[b])
         if got != kind:
@@ -195,4 +200,4 @@ def read_chunks(path: Path, mapping: RootMapping, num_points: int, chunk: int
 
                 yield truth, features
     except READ_ERRORS as e:  # a basket that cannot be read or decompressed (truncated, corrupt)
-        raise DataError(f"{path}: read failed ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: read failed, truncated or corrupt? ({_why(e)})") from None
