@@ -14,6 +14,7 @@ from rootfiles import CLASSES, jet_four_momentum, jetclass_branches, make_jets, 
 from ucluster_jax.cli import main as cli_main
 from ucluster_jax.data.features import mass_bin
 from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.data.toy import write_hls4ml_h5
 
 
 def masses(j: dict) -> np.ndarray:
@@ -81,6 +82,9 @@ def test_jetclass_qcd_class_and_yaml_mapping(tmp_path, capsys):
     assert four.meta.class_names == ("W", "Z", "top", "QCD") and four.meta.num_points == 100
     keep = (masses(j) > 10) & (masses(j) < 200)
     np.testing.assert_array_equal(four.read_all()["label"], j["cls"][keep])
+    h5 = write_hls4ml_h5(tmp_path / "wzt.h5", 20, seed=0)  # W/Z/top: cannot join a W/Z/top/QCD dataset
+    assert cli_main(["prepare", str(jc), str(h5), "--out", str(tmp_path / "mixed"), "--classes", "W,Z,top,QCD"]) == 2
+    assert "classes W/Z/top/QCD, " in capsys.readouterr().err and no_files(tmp_path / "mixed")
 
     pf = ak.zip({k: ak.Array(j[k]) for k in ("pt", "eta", "phi", "e")})
     write_tree(tmp_path / "other.root", {"pf": pf, "is_w": j["cls"] == 0, "is_z": (j["cls"] == 1).astype(np.int32),

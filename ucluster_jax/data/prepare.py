@@ -287,9 +287,10 @@ def prepare(
     if num_points < 1:
         raise UserError(f"--num-points must be positive, got {num_points}")
     found = [inspect_input(p, mapping, num_points) for p in inputs]
-    for what, key in (("points per jet", lambda i: i.num_points), ("class names", lambda i: i.class_names)):
-        if len({key(i) for i in found}) > 1:
-            raise DataError(", ".join(f"{i.path}: {key(i)}" for i in found) + f": inputs must have the same {what}")
+    for what, show in (("number of points per jet", lambda i: f"{i.num_points} points"),
+                       ("classes", lambda i: "classes " + "/".join(i.class_names))):
+        if len({show(i) for i in found}) > 1:
+            raise DataError(", ".join(f"{i.path}: {show(i)}" for i in found) + f": inputs must have the same {what}")
     meta = DatasetMeta(num_points=found[0].num_points, class_names=found[0].class_names)
     out = Path(out)
     parts = split or [("", 1.0)]
