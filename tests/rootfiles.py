@@ -74,3 +74,14 @@ def write_tree(path: Path, branches: dict, tree: str = "tree", baskets: int = 3)
         for s in np.array_split(np.arange(n), baskets):
             f[tree].extend({k: v[s[0]:s[-1] + 1] for k, v in branches.items()})
     return path
+
+
+def write_rntuple(path: Path, branches: dict, name: str = "tree") -> Path:
+    """The same branches as an RNTuple (ROOT's successor of TTree; uproot's default when writing)."""
+    flat = {k: v for k, v in branches.items() if not (isinstance(v, ak.Array) and v.fields)}
+    for k, v in branches.items():
+        if k not in flat:
+            flat.update({f"{k}_{f}": v[f] for f in v.fields})
+    with uproot.recreate(path) as f:
+        f[name] = flat
+    return path

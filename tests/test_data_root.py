@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, tb_images
-from rootfiles import CLASSES, jet_four_momentum, jetclass_branches, make_jets, write_tree
+from rootfiles import jet_four_momentum, jetclass_branches, make_jets, write_rntuple, write_tree
 from ucluster_jax.cli import main as cli_main
 from ucluster_jax.data.features import mass_bin
 from ucluster_jax.data.reader import ParquetDataset
@@ -145,3 +145,13 @@ def test_bad_root_file_fails_in_one_line_and_writes_nothing(tmp_path, capsys, ki
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ucluster prepare: error: {bad}: ") and names in err, err
     assert no_files(out)
+
+
+def test_rntuple_reads_like_the_ttree(tmp_path):
+    b = jetclass_branches(make_jets(200, 4))
+    got = []
+    for write in (write_tree, write_rntuple):
+        path = write(tmp_path / f"{write.__name__}.root", b)
+        assert cli_main(["prepare", str(path), "--out", str(tmp_path / write.__name__), "--chunk", "64"]) == 0
+        got.append(ParquetDataset(tmp_path / write.__name__).read_all())
+    assert len(got[0]["label"]) > 100 and all(np.array_equal(got[0][k], got[1][k]) for k in got[0])
