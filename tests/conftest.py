@@ -73,11 +73,13 @@ def single_run(toy_small, tmp_path_factory) -> Path:
     return out
 
 
-def tb_values(run):
-    """(step, Summary.Value) of the event files in RUN/tb, read with tensorboardX's own protobuf
+def tb_events(run, kind: str = "simple_value"):
+    """{tag: [(step, value)]} of the `kind` values ("simple_value": scalars, "image": Summary.Image with
+    the encoded PNG, height, width) of the event files in RUN/tb, read with tensorboardX's own protobuf
     (each record: u64 length, u32 crc, the Event, u32 crc)."""
     from tensorboardX.proto.event_pb2 import Event
 
+    out = {}
     for f in sorted((run / "tb").glob("events.out.tfevents.*")):
         data, i = f.read_bytes(), 0
         while i < len(data):
@@ -85,22 +87,11 @@ def tb_values(run):
             event = Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
             for v in event.summary.value:
-                yield event.step, v
+                if v.HasField(kind):
+                    out.setdefault(v.tag, []).append((event.step, getattr(v, kind)))
+    return out
 
 
 def tb_scalars(run):
     """{tag: [(step, value)]} of the scalars in RUN/tb."""
-    out = {}
-    for step, v in tb_values(run):
-        if v.HasField("simple_value"):
-            out.setdefault(v.tag, []).append((step, v.simple_value))
-    return out
-
-
-def tb_images(run):
-    """{tag: [(step, Summary.Image)]} of the images in RUN/tb (encoded PNG, height, width)."""
-    out = {}
-    for step, v in tb_values(run):
-        if v.HasField("image"):
-            out.setdefault(v.tag, []).append((step, v.image))
-    return out
+    return tb_events(run)

@@ -59,7 +59,8 @@ def jetclass_branches(j: dict) -> dict:
     f32 = lambda a: ak.values_astype(a, np.float32)  # noqa: E731
     part = ak.zip({"px": f32(pt * np.cos(phi)), "py": f32(pt * np.sin(phi)), "pz": f32(pt * np.sinh(eta)),
                    "energy": f32(e), "deta": f32(eta - jeta), "charge": f32(0 * pt)})
-    out = {"part": part, "jet_pt": jpt, "jet_eta": jeta, "jet_phi": np.arctan2(p4[:, 1], p4[:, 0]), "jet_energy": p4[:, 3],
+    out = {"part": part, "jet_pt": jpt, "jet_eta": jeta, "jet_phi": np.arctan2(p4[:, 1], p4[:, 0]),
+           "jet_energy": p4[:, 3],
            "jet_nparticles": np.array([len(v) for v in j["pt"]]), "jet_sdmass": np.zeros(len(jpt))}
     for k, name in enumerate(CLASSES):
         out[LABELS[name]] = (j["cls"] == k)

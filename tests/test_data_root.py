@@ -9,7 +9,7 @@ import awkward as ak
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, tb_images
+from conftest import REPO, TINY, tb_events
 from rootfiles import jet_four_momentum, jetclass_branches, make_jets, write_rntuple, write_tree
 from ucluster_jax.cli import main as cli_main
 from ucluster_jax.data.features import mass_bin
@@ -57,7 +57,8 @@ def test_jetclass_files_prepare_train_evaluate(tmp_path, capsys):
     np.testing.assert_allclose(got["x"][..., 6], want[keep], atol=2e-5)
 
     run = tmp_path / "run"
-    more = ["train.epochs=7", "train.pretrain_epochs=3", "train.eval_batch_size=512", "train.tensorboard_latent_every=2"]
+    more = ["train.epochs=7", "train.pretrain_epochs=3", "train.eval_batch_size=512",
+            "train.tensorboard_latent_every=2"]
     sets = [a for s in TINY + more for a in ("--set", s)]
     assert cli_main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--data", str(data / "train"),
                      "--test-data", str(data / "test"), "--out", str(run), *sets]) == 0
@@ -66,7 +67,7 @@ def test_jetclass_files_prepare_train_evaluate(tmp_path, capsys):
     assert "columns: W Z top" in out
     s = json.loads((run / "eval" / "summary.json").read_text())
     assert s["n_jets"] == test.num_jets and s["accuracy_global"] > 0.5  # one class of three: about 0.35
-    images = tb_images(run)["latent"]
+    images = tb_events(run, "image")["latent"]
     assert [step for step, _ in images] == [3, 5]  # every 2nd epoch once the centroids exist (epoch 3)
     img = images[0][1]
     assert img.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and img.height > 300 and img.width > 600

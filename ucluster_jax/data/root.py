@@ -119,13 +119,16 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
 
 
+def _numeric(c) -> bool:
+    return isinstance(c, ak.contents.NumpyArray) and c.data.ndim == 1 and c.dtype.kind in "biuf"
+
+
 def _describe(a: ak.Array) -> tuple[str, str]:
     """('jagged' | 'flat' | 'other', the type as awkward writes it) of one branch's array."""
     layout, text = a.layout, str(a.type.content)
-    numeric = lambda c: isinstance(c, ak.contents.NumpyArray) and c.data.ndim == 1 and c.dtype.kind in "biuf"  # noqa: E731
-    if numeric(layout):
+    if _numeric(layout):
         return "flat", text
-    if isinstance(layout, (ak.contents.ListOffsetArray, ak.contents.ListArray)) and numeric(layout.content):
+    if isinstance(layout, (ak.contents.ListOffsetArray, ak.contents.ListArray)) and _numeric(layout.content):
         return "jagged", text
     return "other", text
 
@@ -141,7 +144,8 @@ def inspect_root(path: Path, mapping: RootMapping) -> int:
                                 "layout is assumed, another one needs --root-mapping FILE")
             tree = f[mapping.tree]
             have = set(tree.keys())
-            wanted = [(b, "jagged") for b in mapping.particles.values()] + [(b, "flat") for b in mapping.flat_branches()]
+            wanted = [(b, "jagged") for b in mapping.particles.values()]
+            wanted += [(b, "flat") for b in mapping.flat_branches()]
             missing = [b for b, _ in wanted if b not in have]
             if missing:
                 raise DataError(f"{path}: tree '{mapping.tree}' lacks branch(es) {', '.join(missing)} "
