@@ -27,7 +27,7 @@ MAGIC = b"root"  # the first bytes of every ROOT file
 CARTESIAN = ("px", "py", "pz", "energy")
 POLAR = ("pt", "eta", "phi", "energy")
 MAPPING_KEYS = ("tree", "particles", "jet", "classes", "select")
-# the branches ROOT and uproot read in these errors: an unreadable or truncated file, a bad type
+# what uproot raises on a file that is not ROOT after all, truncated or corrupt, or a branch it cannot read
 READ_ERRORS = (OSError, ValueError, TypeError, KeyError, uproot.deserialization.DeserializationError)
 
 
