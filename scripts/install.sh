@@ -16,4 +16,4 @@ if ! "$PY" -c "import mpi4jax" 2>/dev/null; then
     "$PY" -m pip install -q --no-build-isolation --no-cache-dir -e ".[mpi]"
   rmdir "$empty"
 fi
-"$PY" -c "import jax, flax, optax, mpi4jax, pyarrow, h5py; print('installed: jax', jax.__version__, 'flax', flax.__version__, 'mpi4jax', mpi4jax.__version__)"
+"$PY" -c "import jax, flax, optax, mpi4jax, pyarrow, h5py, uproot; print('installed: jax', jax.__version__, 'flax', flax.__version__, 'mpi4jax', mpi4jax.__version__)"

@@ -73,8 +73,9 @@ def single_run(toy_small, tmp_path_factory) -> Path:
     return out
 
 
-def tb_scalars(run):
-    """{tag: [(step, value)]} of the event files in RUN/tb, read with tensorboardX's own protobuf
+def tb_events(run, kind: str = "simple_value"):
+    """{tag: [(step, value)]} of the `kind` values ("simple_value": scalars, "image": Summary.Image with
+    the encoded PNG, height, width) of the event files in RUN/tb, read with tensorboardX's own protobuf
     (each record: u64 length, u32 crc, the Event, u32 crc)."""
     from tensorboardX.proto.event_pb2 import Event
 
@@ -86,5 +87,11 @@ def tb_scalars(run):
             event = Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
             for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+                if v.HasField(kind):
+                    out.setdefault(v.tag, []).append((event.step, getattr(v, kind)))
     return out
+
+
+def tb_scalars(run):
+    """{tag: [(step, value)]} of the scalars in RUN/tb."""
+    return tb_events(run)

@@ -11,7 +11,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("ucluster_jax.data.prepare", "convert hls4ml or UCluster-prepared HDF5 into parquet shards"),
+    "prepare": ("ucluster_jax.data.prepare", "convert hls4ml or UCluster-prepared HDF5, or ROOT trees, into parquet shards"),
     "generate": ("ucluster_jax.data.generate", "simulate W/Z/top jets with Pythia 8 + FastJet"),
     "toy": ("ucluster_jax.data.toy", "write the built-in W/Z/top-like toy dataset as parquet"),
     "train": ("ucluster_jax.train.loop", "train UCluster (two phases), single process, local devices or mpirun"),

@@ -88,6 +88,7 @@ class TrainConfig:
     checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
     keep_checkpoints: int = 3
     tensorboard: bool = True  # also write TensorBoard event files in RUN/tb (rank 0)
+    tensorboard_latent_every: int = 10  # with tensorboard: the latent as a figure after every Nth epoch (0: never)
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_every_samples", t.eval_every_samples >= 0, ">= 0 (0: at epoch ends only)"),
         ("train.joint_learning_rate", t.joint_learning_rate >= 0, ">= 0 (0: the schedule)"),
         ("train.joint_lr_decay", 0 < t.joint_lr_decay <= 1, "in (0, 1]"),
+        ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),
     ]
     for key, ok, need in rules:
         if not ok:

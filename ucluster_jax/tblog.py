@@ -1,11 +1,15 @@
 """TensorBoard event files of a training run, in RUN/tb (rank 0, `train.tensorboard`).
 
-The same numbers as metrics.jsonl and curve.jsonl, in the form physicists watch a training in
+The same numbers as metrics.jsonl and curve.jsonl, and every `train.tensorboard_latent_every` epochs
+the latent space as `ucluster evaluate` draws it, in the form physicists watch a training in
 (`tensorboard --logdir RUN/tb`); tensorboardX writes them without TensorFlow."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 # record keys that count rather than measure: the x axes and bookkeeping, not scalars to plot
 COUNTERS = {"epoch", "step", "steps", "samples_seen", "joint_samples", "resumed_at_step"}
@@ -31,6 +35,18 @@ class EventLog:
 
     def point(self, rec: dict[str, Any]) -> None:
         self._scalars("curve", rec, rec["joint_samples"])
+
+    def latent(self, z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.ndarray,
+               class_names: tuple[str, ...], epoch: int) -> None:
+        """plots.latent_plot of these jets as image `latent` at `epoch` (drawn to PNG, read back as RGB)."""
+        import matplotlib.image as mpimg
+
+        from ucluster_jax import plots
+
+        with tempfile.TemporaryDirectory() as d:
+            rgba = mpimg.imread(plots.latent_plot(z, cluster, label, mu, Path(d) / "latent.png", class_names))
+        self.writer.add_image("latent", rgba[..., :3], epoch, dataformats="HWC")
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -1,4 +1,5 @@
-"""`ucluster prepare`: hls4ml raw or UCluster-prepared HDF5 -> parquet dataset(s) (docs/DATA.md).
+"""`ucluster prepare`: hls4ml raw or UCluster-prepared HDF5, or ROOT trees (root.py) -> parquet dataset(s)
+(docs/DATA.md).
 
 Inputs are read in chunks, so files larger than memory work. The selection and features follow the
 original prepare step (SPEC section 1) except that the mass-bin target uses fixed bins for every file.
@@ -15,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ucluster_jax.data import root
 from ucluster_jax.data.features import (
     NUM_TARGETS, clean_name, hls4ml_particle_features, mass_bin, missing_particle_columns,
 )
@@ -27,6 +29,7 @@ HLS4ML_KEYS = ("jetConstituentList", "jets", "particleFeatureNames", "jetFeature
 PREPARED_KEYS = ("data", "pid", "label", "masses")
 TRUTH_COLUMNS = ("j_w", "j_z", "j_t")  # -> class 0, 1, 2
 DEFAULT_CHUNK = 4096
+DEFAULT_POINTS = 100  # particles per jet of ROOT inputs, as in the hls4ml files
 MASS_WINDOW = (10.0, 200.0)  # exclusive, GeV
 
 
@@ -37,40 +40,56 @@ class FileReport:
     path: str
     format: str
     num_points: int
+    class_names: tuple[str, ...] = CLASS_NAMES
     read: int = 0
     kept: int = 0
-    not_wzt: int = 0
+    not_wzt: int = 0  # not of a selected class
     nonfinite: int = 0
     mass_window: int = 0
-    per_class: list[int] = field(default_factory=lambda: [0] * len(CLASS_NAMES))
+    per_class: list[int] = field(default_factory=list)
     unknown_label: int = 0
 
+    def __post_init__(self) -> None:
+        self.per_class = self.per_class or [0] * len(self.class_names)
+
     def line(self) -> str:
-        classes = ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, self.per_class))
+        classes = ", ".join(f"{n} {c}" for n, c in zip(self.class_names, self.per_class))
         unknown = f", unknown {self.unknown_label}" if self.unknown_label else ""
-        return (f"{self.path} ({self.format}): read {self.read}, kept {self.kept}; dropped: not W/Z/top "
-                f"{self.not_wzt}, mass window {self.mass_window}, non-finite {self.nonfinite}; {classes}{unknown}")
+        return (f"{self.path} ({self.format}): read {self.read}, kept {self.kept}; dropped: not "
+                f"{'/'.join(self.class_names)} {self.not_wzt}, mass window {self.mass_window}, non-finite "
+                f"{self.nonfinite}; {classes}{unknown}")
 
 
 @dataclass
 class _Input:
     path: Path
-    format: str  # "hls4ml" or "prepared"
+    format: str  # "hls4ml", "prepared" or "root"
     n: int
     num_points: int
     particle_names: list[str] = field(default_factory=list)
     jet_columns: dict[str, int] = field(default_factory=dict)
+    mapping: root.RootMapping | None = None  # ROOT inputs: which branches hold what
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.mapping.select if self.mapping else CLASS_NAMES
 
 
 def _names(ds: h5py.Dataset) -> list[str]:
     return [n.decode("utf-8", "replace") if isinstance(n, (bytes, np.bytes_)) else str(n) for n in ds[()]]
 
 
-def inspect_input(path: str | Path) -> _Input:
-    """Recognise the format from the HDF5 keys and check shapes, without reading the jets."""
+def inspect_input(path: str | Path, mapping: root.RootMapping = root.JETCLASS,
+                  num_points: int = DEFAULT_POINTS) -> _Input:
+    """Recognise the format (ROOT by its first bytes, HDF5 by its keys) and check it without reading the jets;
+    ROOT inputs are read with `mapping` and cut or padded to `num_points` particles."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such input file")
+    if root.is_root_file(path):
+        return _Input(path, "root", root.inspect_root(path, mapping), num_points, mapping=mapping)
+    if path.suffix == ".root":
+        raise DataError(f"{path}: not a ROOT file (it does not start with 'root')")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -111,28 +130,43 @@ def inspect_input(path: str | Path) -> _Input:
     return inp
 
 
+def _selected(rep: FileReport, truth: np.ndarray, features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+              ) -> Iterator[dict[str, np.ndarray]]:
+    """The selection (SPEC section 1) of one chunk, counted in `rep`: jets of a class in `truth` [n, classes],
+    with finite features and a mass in the window. `features(rows)` gives those rows' 8 model features and
+    masses, computed for the class-selected jets only."""
+    is_wzt = truth.any(axis=1)
+    rep.read += len(truth)
+    rep.not_wzt += int((~is_wzt).sum())
+    sel = np.flatnonzero(is_wzt)
+    if not len(sel):
+        return
+    x, mass = features(sel)
+    finite = np.isfinite(x).reshape(len(sel), -1).all(axis=1) & np.isfinite(mass)
+    rep.nonfinite += int((~finite).sum())
+    in_window = finite & (mass > MASS_WINDOW[0]) & (mass < MASS_WINDOW[1])
+    rep.mass_window += int((finite & ~in_window).sum())
+    yield {"x": x[in_window], "target": mass_bin(mass[in_window]), "label": np.argmax(truth[sel[in_window]], axis=1),
+           "mass": mass[in_window].astype(np.float32)}
+
+
 def _hls4ml_chunks(f: h5py.File, inp: _Input, rep: FileReport, chunk: int) -> Iterator[dict[str, np.ndarray]]:
     truth_idx = [inp.jet_columns[k] for k in TRUTH_COLUMNS]
     mass_idx = inp.jet_columns["j_mass"]
     for s in range(0, inp.n, chunk):
         jets = f["jets"][s:s + chunk]
-        truth = jets[:, truth_idx] > 0.5
         mass = jets[:, mass_idx].astype(np.float64)
-        is_wzt = truth.any(axis=1)
-        rep.read += len(jets)
-        rep.not_wzt += int((~is_wzt).sum())
-        sel = np.flatnonzero(is_wzt)
-        if not len(sel):
-            continue
-        const = f["jetConstituentList"][s:s + chunk][sel]
-        x = hls4ml_particle_features(const, inp.particle_names)
-        finite = np.isfinite(x).reshape(len(sel), -1).all(axis=1) & np.isfinite(mass[sel])
-        rep.nonfinite += int((~finite).sum())
-        in_window = finite & (mass[sel] > MASS_WINDOW[0]) & (mass[sel] < MASS_WINDOW[1])
-        rep.mass_window += int((finite & ~in_window).sum())
-        keep = sel[in_window]
-        yield {"x": x[in_window], "target": mass_bin(mass[keep]), "label": np.argmax(truth[keep], axis=1),
-               "mass": mass[keep].astype(np.float32)}
+
+        def features(sel: np.ndarray, s: int = s, mass: np.ndarray = mass) -> tuple[np.ndarray, np.ndarray]:
+            const = f["jetConstituentList"][s:s + chunk][sel]
+            return hls4ml_particle_features(const, inp.particle_names), mass[sel]
+
+        yield from _selected(rep, jets[:, truth_idx] > 0.5, features)
+
+
+def _root_chunks(inp: _Input, rep: FileReport, chunk: int) -> Iterator[dict[str, np.ndarray]]:
+    for truth, features in root.read_chunks(inp.path, inp.mapping, inp.num_points, chunk):
+        yield from _selected(rep, truth, features)
 
 
 def _prepared_chunks(
@@ -165,20 +199,25 @@ def _iter_inputs(
     inputs: Sequence[_Input], chunk: int, mass_bins: bool
 ) -> tuple[list[FileReport], Iterator[dict[str, np.ndarray]]]:
     """Kept jets of all inputs, in input order, as chunks; the reports fill in as the iterator runs."""
-    reports = [FileReport(str(i.path), i.format, i.num_points) for i in inputs]
+    reports = [FileReport(str(i.path), i.format, i.num_points, i.class_names) for i in inputs]
+
+    def tally(rep: FileReport, chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        for a in chunks:
+            rep.kept += len(a["label"])
+            for k in range(len(rep.class_names)):
+                rep.per_class[k] += int((a["label"] == k).sum())
+            rep.unknown_label += int((a["label"] < 0).sum())
+            yield a
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         for inp, rep in zip(inputs, reports):
+            if inp.format == "root":  # root.read_chunks names the file in its read errors
+                yield from tally(rep, _root_chunks(inp, rep, chunk))
+                continue
             try:
                 with h5py.File(inp.path, "r") as f:
-                    it = (_hls4ml_chunks(f, inp, rep, chunk) if inp.format == "hls4ml"
-                          else _prepared_chunks(f, inp, rep, chunk, mass_bins))
-                    for a in it:
-                        rep.kept += len(a["label"])
-                        for k in range(len(CLASS_NAMES)):
-                            rep.per_class[k] += int((a["label"] == k).sum())
-                        rep.unknown_label += int((a["label"] < 0).sum())
-                        yield a
+                    yield from tally(rep, _hls4ml_chunks(f, inp, rep, chunk) if inp.format == "hls4ml"
+                                     else _prepared_chunks(f, inp, rep, chunk, mass_bins))
             except OSError as e:  # corrupt chunk, truncated file
                 raise DataError(f"{inp.path}: read failed ({e})") from None
 
@@ -226,9 +265,14 @@ def prepare(
     mass_bins: bool = False,
     overwrite: bool = False,
     ranks: int | None = None,
+    mapping: root.RootMapping = root.JETCLASS,
+    num_points: int = DEFAULT_POINTS,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Convert inputs to one dataset in `out`, or with `split` to out/<name> parts (first rows first).
+
+    ROOT inputs are read with `mapping` (the JetClass layout unless told) and cut or padded to
+    `num_points` particles per jet; HDF5 inputs keep theirs.
 
     With a split or `ranks` the inputs are read twice (count, then write) so that memory stays bounded;
     `ranks` sizes each output's row groups for that many training processes (row_group_size_for).
@@ -240,12 +284,14 @@ def prepare(
         raise UserError(f"chunk size must be positive, got {chunk}")
     if ranks is not None and ranks < 1:
         raise UserError(f"--ranks must be positive, got {ranks}")
-    found = [inspect_input(p) for p in inputs]
-    points = {i.num_points for i in found}
-    if len(points) > 1:
-        raise DataError(", ".join(f"{i.path}: {i.num_points} points" for i in found) +
-                        ": inputs must have the same number of points per jet")
-    meta = DatasetMeta(num_points=points.pop())
+    if num_points < 1:
+        raise UserError(f"--num-points must be positive, got {num_points}")
+    found = [inspect_input(p, mapping, num_points) for p in inputs]
+    for what, show in (("number of points per jet", lambda i: f"{i.num_points} points"),
+                       ("classes", lambda i: "classes " + "/".join(i.class_names))):
+        if len({show(i) for i in found}) > 1:
+            raise DataError(", ".join(f"{i.path}: {show(i)}" for i in found) + f": inputs must have the same {what}")
+    meta = DatasetMeta(num_points=found[0].num_points, class_names=found[0].class_names)
     out = Path(out)
     parts = split or [("", 1.0)]
     dirs = [out / name if name else out for name, _ in parts]
@@ -285,16 +331,18 @@ def prepare(
         log(r.line())
     if len(reports) > 1:
         tot = [sum(getattr(r, k) for r in reports) for k in ("read", "kept", "not_wzt", "mass_window", "nonfinite")]
-        cls = [sum(r.per_class[k] for r in reports) for k in range(len(CLASS_NAMES))]
-        log(f"total: read {tot[0]}, kept {tot[1]}; dropped: not W/Z/top {tot[2]}, mass window {tot[3]}, "
-            f"non-finite {tot[4]}; " + ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, cls)))
+        cls = [sum(r.per_class[k] for r in reports) for k in range(len(meta.class_names))]
+        log(f"total: read {tot[0]}, kept {tot[1]}; dropped: not {'/'.join(meta.class_names)} {tot[2]}, mass "
+            f"window {tot[3]}, non-finite {tot[4]}; " + ", ".join(f"{n} {c}" for n, c in zip(meta.class_names, cls)))
     for d, o in outputs.items():
         log(f"wrote {d}: {o['jets']} jets in {len(o['shards'])} shard(s)")
     return {"files": reports, "outputs": outputs}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="hls4ml raw or UCluster-prepared HDF5 files")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="hls4ml raw or UCluster-prepared HDF5 files, or ROOT files (JetClass layout unless "
+                        "--root-mapping)")
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--split", default=None, help="e.g. train=0.8,test=0.2: first 80%% of the kept jets "
                         "to OUT/train, the rest to OUT/test, in input order (as the original); default: no split")
@@ -304,7 +352,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=None,
                         help="size row groups for this many training processes: equal groups, a multiple of "
                         "RANKS of them, at least 4 per rank, at most --row-group-size jets (reads the inputs twice)")
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="jets read from HDF5 at a time")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="jets read from a file at a time")
+    parser.add_argument("--root-mapping", type=Path, metavar="FILE",
+                        help="ROOT inputs: YAML naming the tree, particle, jet and label branches (README); "
+                        "default: the JetClass layout")
+    parser.add_argument("--classes", metavar="NAMES",
+                        help="ROOT inputs: the classes kept, in label order, e.g. W,Z,top,QCD (default: W,Z,top "
+                        "for JetClass, the mapping's select)")
+    parser.add_argument("--num-points", type=int, default=DEFAULT_POINTS,
+                        help="ROOT inputs: particles per jet, the highest-pT ones, zero-padded")
     parser.add_argument("--mass-bins", action="store_true",
                         help="prepared-format inputs: recompute the target from masses with fixed bins "
                         "instead of using their per-file renumbered pid")
@@ -312,7 +368,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    mapping = root.load_mapping(args.root_mapping) if args.root_mapping else root.JETCLASS
+    if args.classes:
+        mapping = mapping.with_classes(tuple(c.strip() for c in args.classes.split(",")))
     prepare(args.inputs, args.out, split=parse_split(args.split), shard_size=args.shard_size,
             row_group_size=args.row_group_size, chunk=args.chunk, mass_bins=args.mass_bins,
-            overwrite=args.overwrite, ranks=args.ranks)
+            overwrite=args.overwrite, ranks=args.ranks, mapping=mapping, num_points=args.num_points)
     return 0

@@ -27,7 +27,7 @@ from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
-from ucluster_jax.train.scoring import init_centroids, score_point
+from ucluster_jax.train.scoring import init_centroids, latent_sample, score_point
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase
 
 
@@ -166,6 +166,11 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                 rec["resumed_at_step"] = first
             save(state, epoch, epoch + 1, 0)
             log.epoch(rec)
+            every = t.tensorboard_latent_every
+            if log.events is not None and every and epoch >= t.pretrain_epochs and (epoch + 1) % every == 0:
+                # rank 0 only (log.events), on its own jets
+                z, cluster, label = latent_sample(rt, cfg, host, ds if test_ds is None else test_ds)
+                log.events.latent(z, cluster, label, np.asarray(host.params["mu"]), ds.meta.class_names, epoch)
             if on_epoch is not None:
                 on_epoch(rec)
     finally:

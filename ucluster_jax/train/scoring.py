@@ -3,6 +3,7 @@ the scripts share, apart from the loop itself."""
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, Iterable
 
 import jax
@@ -56,6 +57,15 @@ def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: Parquet
         mu = kmeans(everything, cfg.model.num_clusters, seed=cfg.train.seed,
                     restarts=cfg.train.kmeans_restarts, iters=cfg.train.kmeans_iters)
     return np.asarray(rt.bcast(mu), np.float32)
+
+
+def latent_sample(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, max_jets: int = 4096
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latent, nearest centroid, truth) of up to `max_jets` of this rank's jets: what a figure of the
+    latent shows during training. Local to the rank: no collectives, so rank 0 may call it alone."""
+    b = cfg.train.eval_batch_size
+    o = embed(rt, cfg, host, itertools.islice(ds.iter_all(b), max(1, max_jets // b)), train_mode_bn=False)
+    return o["z"], np.argmin(o["dist"], axis=-1), o["label"].astype(np.int64)
 
 
 def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, *, alpha: float,
