@@ -12,9 +12,9 @@ from conftest import REPO, TINY, mpirun
 SCRIPT = str(REPO / "tests" / "mpi" / "equivalence.py")
 
 
-def run_single(engine, out, devices=None):
+def run_single(engine, out, devices=None, *overrides):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    args = [sys.executable, SCRIPT, engine, str(out)] + ([str(devices)] if devices else [])
+    args = [sys.executable, SCRIPT, engine, str(out)] + ([str(devices)] if devices else []) + list(overrides)
     r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return np.load(out)
@@ -71,6 +71,24 @@ def test_two_ranks_through_jax_distributed_equal_one_process(reference, tmp_path
     res = np.load(tmp_path / "jaxdist.npz")
     assert str(res["engine"]) == "jaxdist"
     assert_equivalent(res, reference, 4)  # 2 ranks x 2 devices
+
+
+def test_per_replica_batchnorm_is_the_same_over_ranks_or_devices_and_differs_from_synchronised(reference, tmp_path):
+    # parallel.sync_bn=false: every replica normalises with its own half of the batch (no BN allreduce);
+    # 2 ranks and 2 local devices compute the same thing, which is not the synchronised step
+    off = "parallel.sync_bn=false"
+    local = run_single("local", tmp_path / "local.npz", 2, off)
+    r = mpirun(2, sys.executable, SCRIPT, "mpi", str(tmp_path / "mpi.npz"), off)
+    assert r.returncode == 0, r.stderr[-3000:]  # replicas' parameters checked bit-identical inside
+    ranks = np.load(tmp_path / "mpi.npz")
+    g = local["grads0"]
+    np.testing.assert_allclose(ranks["grads0"], g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
+    np.testing.assert_allclose(ranks["losses"][0], local["losses"][0], rtol=1e-5)
+    # after the first step the moving averages leave the devices averaged over the replicas, by either
+    # route; the means of the halves' means are the global means, the halves' variances are not
+    np.testing.assert_allclose(ranks["stats1"], local["stats1"], rtol=1e-5, atol=1e-7)
+    assert np.abs(local["stats1"] - reference["stats1"]).max() > 1e-4
+    assert np.abs(g - reference["grads0"]).max() > 1e-2 * np.abs(g).max()  # per-half moments: another step
 
 
 def test_resume_at_another_world_size(toy_small, single_run, tmp_path):

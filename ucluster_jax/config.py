@@ -92,10 +92,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    # BatchNorm moments over the global batch (one allreduce per BN layer and step, forward and backward:
+    # the distributed step equals the single-process one). false: each replica normalises with its own
+    # batch, a step needs only the gradient allreduce, and the moving averages are averaged over the
+    # replicas whenever the state leaves the devices (checkpoints, scoring, each epoch's start).
+    sync_bn: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

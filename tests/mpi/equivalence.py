@@ -2,7 +2,7 @@
 
 Launched by tests/test_distributed.py, alone (reference) or under `mpirun -np N`. Each process takes
 its contiguous slice of every global batch, so every setup sees the same global batches.
-Usage: python equivalence.py ENGINE OUT.npz [DEVICES]
+Usage: python equivalence.py ENGINE OUT.npz [DEVICES] [KEY=VALUE ...]   (config overrides)
 """
 import sys
 
@@ -28,8 +28,8 @@ def global_batches(cfg):
                "label": rng.integers(0, 3, GLOBAL_BATCH).astype(np.int32)}
 
 
-def main(engine: str, out: str, devices: int | None) -> None:
-    cfg = load_config(None, [f"train.batch_size={GLOBAL_BATCH}", "model.num_points=30", "model.k=5"])
+def main(engine: str, out: str, devices: int | None, overrides: list[str]) -> None:
+    cfg = load_config(None, [f"train.batch_size={GLOBAL_BATCH}", "model.num_points=30", "model.k=5", *overrides])
     rt = setup(engine, num_devices=devices)
     host = create_state(cfg)
     # joint phase with non-trivial centroids, so the clustering loss and mu are exercised too
@@ -47,17 +47,21 @@ def main(engine: str, out: str, devices: int | None) -> None:
         m = rt.step_metrics(m)
         if not losses:  # the gradient the first step applied (averaged over replicas), and its result
             grads0 = ravel_pytree(jax.device_get(m["grads"]))[0]
-            params1 = ravel_pytree(rt.host_state(state).params)[0]
+            host1 = rt.host_state(state)
+            params1, stats1 = ravel_pytree(host1.params)[0], ravel_pytree(host1.batch_stats)[0]
         losses.append(float(rt.sum(np.asarray(jax.device_get(m["loss"]))[None])[0]) / rt.replicas)
     rt.check_replicas(state, "end")
     final = rt.host_state(state)
     flat_p, _ = ravel_pytree(final.params)
     flat_s, _ = ravel_pytree(final.batch_stats)
     if rt.is_root:
-        np.savez(out, grads0=np.asarray(grads0), params1=np.asarray(params1), params=np.asarray(flat_p),
+        np.savez(out, grads0=np.asarray(grads0), params1=np.asarray(params1), stats1=np.asarray(stats1),
+                 params=np.asarray(flat_p),
                  stats=np.asarray(flat_s), losses=np.asarray(losses),
                  step=int(final.step), samples=int(final.samples_seen), replicas=rt.replicas, engine=rt.engine.name)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    rest = sys.argv[3:]
+    devices = int(rest.pop(0)) if rest and rest[0].isdigit() else None
+    main(sys.argv[1], sys.argv[2], devices, rest)

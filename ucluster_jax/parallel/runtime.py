@@ -33,6 +33,11 @@ def _pmean(v):
     return jax.lax.pmean(v, AXIS)
 
 
+def bn_sum(cfg: Config, replica_sum: Callable) -> Callable | None:
+    """The BatchNorm moments' reduction over replicas, or None (per-replica moments) without parallel.sync_bn."""
+    return replica_sum if cfg.parallel.sync_bn else None
+
+
 def first_replica(tree: Any) -> Any:
     """The first local device's copy of a replicated (leading device axis) pytree."""
     return jax.tree_util.tree_map(lambda a: a.addressable_shards[0].data[0], tree)
@@ -81,7 +86,8 @@ class Mpi(Engine):
 
     def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
         c = rt.comm
-        return jax.jit(make_train_step(cfg, replica_sum=c.device_sum, grad_mean=c.tree_mean, world=rt.replicas,
+        return jax.jit(make_train_step(cfg, replica_sum=bn_sum(cfg, c.device_sum), grad_mean=c.tree_mean,
+                                       world=rt.replicas,
                                        num_classes=num_classes, with_grads=with_grads), donate_argnums=0)
 
 
@@ -95,8 +101,8 @@ class Local(Engine):
         return Runtime(self, devices=local_devices(num_devices))
 
     def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
-        step = make_train_step(cfg, replica_sum=_psum, grad_mean=_pmean, world=rt.replicas, num_classes=num_classes,
-                               with_grads=with_grads)
+        step = make_train_step(cfg, replica_sum=bn_sum(cfg, _psum), grad_mean=_pmean, world=rt.replicas,
+                               num_classes=num_classes, with_grads=with_grads)
         # the chosen local devices, or (across processes) all of them, pmap's default
         return jax.pmap(step, axis_name=AXIS, donate_argnums=0, devices=rt.devices if rt.world == 1 else None)
 
@@ -133,7 +139,7 @@ class Hybrid(Engine):
         return start_distributed(self, num_devices)
 
     def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
-        grads_fn = make_grads_fn(cfg, replica_sum=_psum, num_classes=num_classes)
+        grads_fn = make_grads_fn(cfg, replica_sum=bn_sum(cfg, _psum), num_classes=num_classes)
         apply_fn = make_apply_fn(cfg, world=rt.replicas, with_grads=with_grads)
         c, dev0, R = rt.comm, rt.devices[0], rt.replicas
 
@@ -181,6 +187,7 @@ class Runtime:
     world: int = 1  # processes
     devices: list = field(default_factory=lambda: jax.local_devices()[:1])
     comm: MPIComm | None = None
+    stats_per_replica: bool = False  # each replica keeps its own BN moving averages (set by make_step)
 
     @property
     def num_local(self) -> int:
@@ -211,6 +218,7 @@ class Runtime:
 
         `num_classes`: the dataset's classes (contingency width).
         `with_grads`: metrics["grads"] is the replica-averaged gradient the update applied."""
+        self.stats_per_replica = not cfg.parallel.sync_bn and self.replicas > 1
         return self.engine.make_step(self, cfg, num_classes=num_classes, with_grads=with_grads)
 
     # ---- placement ----
@@ -226,8 +234,16 @@ class Runtime:
         return jax.device_put(state, self.devices[0])
 
     def host_state(self, state: Any) -> Any:
-        """A host copy of the (identical) replica's state."""
-        return jax.device_get(first_replica(state) if self.replicated else state)
+        """A host copy of the replicas' (identical) state; with per-replica BatchNorm statistics, their
+        moving averages averaged over every replica (a collective then: every rank calls it)."""
+        host = jax.device_get(first_replica(state) if self.replicated else state)
+        if not self.stats_per_replica:
+            return host
+        copies = (lambda a: [sh.data[0] for sh in a.addressable_shards]) if self.replicated else (lambda a: [a])
+        local = jax.tree_util.tree_map(lambda a: sum(np.asarray(c, np.float64) for c in copies(a)), state.batch_stats)
+        flat, unravel = ravel_pytree(local)
+        mean = unravel(self.sum(np.asarray(flat)) / self.replicas)
+        return host.replace(batch_stats=jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), mean))
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Local batch -> devices: [B_local, ...] split over local devices as [D, B_local/D, ...]."""
@@ -252,8 +268,7 @@ class Runtime:
 
     def check_replicas(self, state: Any, where: str) -> None:
         """Stop with a clear error if the replicas' parameters differ (they must be bit-identical)."""
-        params = self.host_state(state).params
-        mine = param_checksum(params)
+        mine = param_checksum(first_replica(state.params) if self.replicated else state.params)
         if self.replicated and self.num_local > 1:
             local = {param_checksum(jax.device_get(jax.tree_util.tree_map(lambda a: a.addressable_shards[i].data[0],
                                                                           state.params)))

@@ -122,8 +122,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
 
     def save(state, epoch: int, next_epoch: int, next_step: int) -> None:
         """Rank 0 writes the state, the last completed epoch and the iterator state to resume from."""
+        h = rt.host_state(state)  # every rank: per-replica BN statistics are averaged over all of them
         if rt.is_root:
-            h = rt.host_state(state)
             checkpoint.save(out, h, step=int(h.step), keep=t.keep_checkpoints,
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
                                   "world": rt.world, "replicas": rt.replicas, "engine": rt.engine.name})
