@@ -226,9 +226,7 @@ def test_cli_processes_start_with_the_speed_settings():
 
     env = tuned_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4", "XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
-    flags = env["XLA_FLAGS"].split()
-    assert "--xla_cpu_prefer_vector_width=256" in flags and "--xla_cpu_prefer_vector_width=512" not in flags  # user's
-    assert "--xla_cpu_collective_call_terminate_timeout_seconds=300" in flags
+    assert env["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"  # the user's setting wins
     code = ("import os, sys; from ucluster_jax.host_tuning import tune_process; print('start', flush=True); "
             "tune_process(); print(os.environ.get('GLIBC_TUNABLES', '-'), os.environ['XLA_FLAGS'])")
     clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "UCLUSTER_NO_TUNING")}

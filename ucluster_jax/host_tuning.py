@@ -7,9 +7,6 @@
   2,000 faults and 0.1 s. glibc reads it only at process start, so the command line re-executes
   itself once with it set.
 - `--xla_cpu_prefer_vector_width=512` lets XLA's own loops use AVX-512 where the CPU has it.
-- Several CPU devices in one process (`--devices N`) meet in XLA's in-process collectives, which abort
-  the process when a device is 40 s late: seen on 2 cores under a load of 15 (a `--devices 2` run died
-  in its second epoch). A late device on an overloaded node is slow, not stuck: allow 300 s.
 
 `UCLUSTER_NO_TUNING=1` leaves the process as started. Numbers (docs/BENCHMARKS.md) are the same
 function either way; only the speed changes.
@@ -21,8 +18,7 @@ import platform
 import sys
 
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-XLA_CPU_FLAGS = ("--xla_cpu_prefer_vector_width=512", "--xla_cpu_collective_call_terminate_timeout_seconds=300",
-                 "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
+XLA_CPU_FLAGS = ("--xla_cpu_prefer_vector_width=512",)
 
 
 def tuned_env(env: dict[str, str]) -> dict[str, str]:
