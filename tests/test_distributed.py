@@ -91,6 +91,30 @@ def test_per_replica_batchnorm_is_the_same_over_ranks_or_devices_and_differs_fro
     assert np.abs(g - reference["grads0"]).max() > 1e-2 * np.abs(g).max()  # per-half moments: another step
 
 
+COUNT_ALLREDUCES = """
+import re, sys
+import numpy as np
+from ucluster_jax.config import load_config
+from ucluster_jax.parallel.runtime import setup
+from ucluster_jax.train.state import create_state
+cfg = load_config(None, ["train.batch_size=8", "model.num_points=30", "model.k=5", sys.argv[1]])
+rt = setup("mpi")
+b = {"x": np.zeros((8, 30, 8), np.float32), "target": np.zeros(8, np.int32), "label": np.zeros(8, np.int32)}
+text = rt.make_step(cfg).lower(rt.put_state(create_state(cfg)), rt.put_batch(b)).as_text()
+print(len(re.findall(r"custom_call @mpi_allreduce", text)))
+"""
+
+
+@pytest.mark.parametrize("sync, allreduces", [("true", 54), ("false", 1)])
+def test_per_replica_batchnorm_leaves_one_allreduce_per_step(sync, allreduces):
+    # the mpi engine's step as lowered: synchronised BN reduces the BatchNorm moments forward and their
+    # cotangents backward (53 allreduces), plus the one gradient allreduce; per-replica BN only the latter
+    p = subprocess.run([sys.executable, "-c", COUNT_ALLREDUCES, f"parallel.sync_bn={sync}"], capture_output=True,
+                       text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout.split()[-1]) == allreduces
+
+
 def test_resume_at_another_world_size(toy_small, single_run, tmp_path):
     """A run trained by one process continues under 2 ranks (any world size dividing the batch)."""
     import shutil
