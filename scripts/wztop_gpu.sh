@@ -5,6 +5,12 @@
 #
 #   bash scripts/wztop_gpu.sh [BUDGET_S [train args...]]   # default 540 s; device: timeout_s = BUDGET_S + 30
 #   bash scripts/wztop_gpu.sh 525 --set loss.alpha_scale=2   # a variant of the recipe: args go to the gpu run
+#   TUNE_WORKERS=4 bash scripts/wztop_gpu.sh 525             # instead: search the CPU recipe's settings
+#
+# With TUNE_WORKERS=K, step 2 is `ucluster tune` of configs/wztop_cpu.yaml (space: TUNE_SPACE, default
+# configs/space_wztop_cpu.yaml) on the CPU recipe's sample (seed 301, 68,000 jets), scored on the test
+# jets: K workers share the GPU (each a 1/K share of its memory) and one Optuna journal until the
+# budget; the study (summary.json, best.yaml, plots, every trial's metrics) comes back as study.tar.gz.
 #
 # 1. simulate W/Z/top jets (pT 850-1250 GeV): train seeds 301 (68,000 jets: the CPU recipe's sample) and
 #    303 (the rest of the generation budget: JETS_PER_WORKER per core), test seed 302 (16,500 jets),
@@ -65,6 +71,28 @@ for g in $g0 $g1 $g2; do wait $g || { say "generation failed:"; tail -n 20 "$W"/
 mkdir -p "$W/data/gpu" && ln -s "$W/data/t1/part-00000.parquet" "$W/data/gpu/a.parquet" &&
   ln -s "$W/data/t2/part-00000.parquet" "$W/data/gpu/b.parquet"
 say "data ready"
+
+if [ -n "${TUNE_WORKERS:-}" ]; then
+  # -- 2'. the search: K workers on one journal until the budget, then the summary of what finished ------
+  T_TUNE=$(left 70)
+  TUNE=("${UC[@]}" tune --config configs/wztop_cpu.yaml --space "${TUNE_SPACE:-configs/space_wztop_cpu.yaml}"
+        --data "$W/data/t1" --test-data "$W/data/test" --out "$W/study" --seed 0 --set train.eval_every_samples=0)
+  say "searching for $T_TUNE s with $TUNE_WORKERS workers"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=$("$PY" -c "print(round(0.9 / $TUNE_WORKERS, 3))")
+  pids=()
+  for i in $(seq 1 "$TUNE_WORKERS"); do
+    timeout -s TERM "$T_TUNE" "${TUNE[@]}" --trials 1000 "$@" > "$W/tune_$i.log" 2>&1 & pids+=($!)
+  done
+  wait "${pids[@]}"
+  # the trials the budget cut off are marked failed once their heartbeat is 31 s old; --trials 0 starts none
+  sleep 35
+  "${TUNE[@]}" --trials 0 --stale-after 31 "$@" > "$W/tune_summary.log" 2>&1
+  say "search ended: $(grep -c . "$W/tune_summary.log") summary lines"; tail -n 25 "$W/tune_summary.log"
+  cp "$W"/*.log "$W/study/" 2>/dev/null
+  (cd "$W" && tar czf "$OUT/study.tar.gz" --exclude=checkpoints study)
+  say "done: $(ls "$OUT")"
+  exit 0
+fi
 
 # -- 2. both trainings until the budget (less the evaluation's share) -------------------------------------
 T_TRAIN=$(left 60)
