@@ -1,4 +1,6 @@
 """Configuration values that would crash or misbehave later are refused up front, naming the key."""
+from pathlib import Path
+
 import pytest
 
 from ucluster_jax import cli
@@ -24,6 +26,14 @@ def test_bad_value_is_refused_naming_the_key(override):
                                   "configs/anomaly.yaml"])
 def test_shipped_configs_are_valid(path):
     load_config(path)
+
+
+def test_shipped_search_space_fits_the_cpu_recipe():
+    # scripts/wztop_gpu.sh (TUNE_WORKERS) searches it: every key a config key, every range's ends valid
+    from ucluster_jax.tune_space import load_space
+
+    space = load_space(Path("configs/space_wztop_cpu.yaml"), Path("configs/wztop_cpu.yaml"), [])
+    assert {"train.joint_learning_rate", "loss.beta", "loss.alpha_scale"} <= set(space)
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):
