@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import BIN, REPO, mpirun
+from ucluster_jax import checkpoint
 from ucluster_jax.cli import main
 from ucluster_jax.config import load_config
 from ucluster_jax.data.toy import write_toy
@@ -102,3 +104,47 @@ def test_two_mpirun_ranks_share_one_journal_study(toy, tmp_path):
     assert sorted(d.name for d in out.glob("trial-*")) == [f"trial-{n:04d}" for n in range(4)]
     assert json.loads((out / "summary.json").read_text())["trials"]["running"] == 0
     assert p.stdout.count("best: trial") == 1  # rank 0 reports once, after every rank's last trial
+
+
+def test_a_sigkilled_worker_loses_only_its_running_trial(toy, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = tune_args(toy, out, "--trials", "2", "--seed", "3", "--stale-after", "5")
+    worker = subprocess.Popen([str(BIN / "ucluster"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    beat = out / "trial-0000" / "heartbeat"
+    try:
+        deadline = time.time() + 120
+        while not beat.exists() and worker.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert beat.exists(), worker.communicate(timeout=60)[0][-3000:]
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL
+    assert [t.state.name for t in journal_trials(out)] == ["RUNNING"]  # killed mid-trial
+    time.sleep(max(0.0, beat.stat().st_mtime + 5.5 - time.time()))  # no worker touches it any more
+    assert main(args) == 0  # the same command again
+    states = [t.state.name for t in journal_trials(out)]  # the journal the killed worker wrote is readable
+    assert states[0] == "FAIL" and len(states) == 3 and set(states[1:]) <= {"COMPLETE", "PRUNED"}
+    assert "trial 0: no heartbeat" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["trials"]
+    assert c["complete"] + c["pruned"] == 2 and c["fail"] == 1 and c["running"] == 0  # the budget reached
+    assert summary["best"] is not None and (out / "best.yaml").exists()
+
+
+def test_groups_of_two_mpirun_ranks_train_each_trial_data_parallel(toy, tmp_path):
+    out = tmp_path / "study"
+    p = mpirun(4, str(BIN / "ucluster"), *tune_args(toy, out, "--trials", "2", "--ranks-per-trial", "2"),
+               timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    trials = journal_trials(out)
+    assert len(trials) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    ranks = {t.user_attrs["worker"].split(" pid")[0].split()[-1] for t in trials}
+    assert ranks == {"0", "2"}  # each group ran one trial, its rank 0 the worker Optuna sees
+    assert sorted(d.name for d in out.glob("trial-*")) == [f"trial-{n:04d}" for n in range(2)]
+    for t in trials:  # every trial trained once, on its group's 2 ranks
+        run = out / f"trial-{t.number:04d}"
+        meta = checkpoint.read_verified(checkpoint.list_checkpoints(run)[-1])[1]
+        assert (meta["world"], meta["replicas"], meta["engine"]) == (2, 2, "mpi") and t.user_attrs["ranks"] == 2
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # train.epochs=2: one line each
+    assert p.stdout.count("best: trial") == 1

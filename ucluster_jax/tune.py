@@ -15,31 +15,35 @@ import os
 import socket
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ucluster_jax.config import load_config
 from ucluster_jax.errors import UserError
 from ucluster_jax.tune_space import load_space
 
 OBJECTIVES = {"accuracy": ("test_acc", "maximize"), "unsupervised": ("test_kmeans", "minimize")}
-HEARTBEAT_S = 10.0  # a running trial's worker touches trial-NNNN/heartbeat this often
+HEARTBEAT_S = 10.0  # a running trial's worker touches trial-NNNN/heartbeat this often (at most)
+MIN_STALE_S = 5.0  # --stale-after's floor: a heartbeat every second, a dead worker's trial failed in 5 s
 MAX_FAILS = 5  # a worker stops after this many failed trials in a row
 
 
+def heartbeat_every(stale_after: float) -> float:
+    """Seconds between touches: 5 per --stale-after at least, so only a dead worker's file goes stale."""
+    return min(HEARTBEAT_S, stale_after / 5)
+
+
 @contextlib.contextmanager
-def heartbeat(path: Path):
+def heartbeat(path: Path, every: float):
     """Touch `path` while a trial runs: a trial whose file goes stale lost its worker (fail_stale)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
+        while not stop.wait(every):
             path.touch()
 
     thread = threading.Thread(target=beat, daemon=True)
@@ -87,150 +91,114 @@ def open_study(args: argparse.Namespace, direction: str):
     return study
 
 
-def run_trial(study, trial, args: argparse.Namespace, overrides: list[str], rt) -> str:
-    """Train one trial, report its score each joint epoch, tell the study how it ended (the state)."""
+def group_runtime(ranks_per_trial: int):
+    """This rank's trial runtime. R=1: single-process, every rank its own worker. R>1: COMM_WORLD split
+    into groups of R consecutive ranks, each training its trials data-parallel (engine mpi on the group's
+    communicator, as `ucluster train` under mpirun); the group's rank 0 is the worker Optuna sees."""
+    from ucluster_jax.parallel.mpi import launched_world
+    from ucluster_jax.parallel.runtime import Mpi, setup
+
+    if ranks_per_trial == 1:
+        return setup("single")
+    rank, size = launched_world()
+    if ranks_per_trial < 1 or size % ranks_per_trial:
+        raise UserError(f"--ranks-per-trial {ranks_per_trial} must divide the mpirun's {size} ranks")
+    from mpi4py import MPI
+
+    return Mpi(MPI.COMM_WORLD.Split(rank // ranks_per_trial, rank)).start(None)
+
+
+def run_trial(study, trial, job: tuple[int, dict], args: argparse.Namespace, overrides: list[str], rt) -> str:
+    """Train trial job = (number, params) on the group's ranks, report its score each joint epoch, tell the
+    study how it ended; returns the state, the same on every rank of the group. Only the group's rank 0
+    holds `trial` (None elsewhere) and talks to Optuna; its pruning decision reaches every rank, so the
+    group stops together."""
     import optuna
     from optuna.trial import TrialState
 
     from ucluster_jax.parallel.mpi import launched_world
     from ucluster_jax.train.loop import train
 
-    key, pretrain = OBJECTIVES[args.objective][0], 0
+    number, params = job
+    lead, key, pretrain = rt.is_root, OBJECTIVES[args.objective][0], 0
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if rec.get(key) is None:  # focal-only epochs: no clusters yet
             return
-        trial.report(rec[key], rec["epoch"] - pretrain)  # step: joint epochs, comparable across trials
-        if trial.should_prune():
+        prune = False
+        if lead:
+            trial.report(rec[key], rec["epoch"] - pretrain)  # step: joint epochs, comparable across trials
+            prune = trial.should_prune()
+        if rt.bcast(prune):
             raise optuna.TrialPruned()
 
-    trial.set_user_attr("worker", f"{socket.gethostname()} rank {launched_world()[0]} pid {os.getpid()}")
-    state = TrialState.FAIL
+    if lead:
+        trial.set_user_attr("worker", f"{socket.gethostname()} rank {launched_world()[0]} pid {os.getpid()}")
+        trial.set_user_attr("ranks", rt.world)
+    tell = study.tell if lead else (lambda *a, **k: None)
+    state, run = TrialState.FAIL, trial_dir(args.out, number)
     try:
-        cfg = load_config(args.config, overrides + [f"{k}={json.dumps(v)}" for k, v in trial.params.items()])
+        cfg = load_config(args.config, overrides + [f"{k}={json.dumps(v)}" for k, v in params.items()])
         pretrain = cfg.train.pretrain_epochs
-        with heartbeat(trial_dir(args.out, trial.number) / "heartbeat"):
-            rec = train(cfg, args.data, trial_dir(args.out, trial.number), test_data=args.test_data, rt=rt,
-                        on_epoch=on_epoch)
+        with heartbeat(run / "heartbeat", heartbeat_every(args.stale_after)) if lead else contextlib.nullcontext():
+            rec = train(cfg, args.data, run, test_data=args.test_data, rt=rt, on_epoch=on_epoch)
         value = rec.get(key)
         if value is None or not math.isfinite(value):
             raise UserError(f"no finite {key} in the last epoch")
-        study.tell(trial, value, skip_if_finished=True)  # finished: failed by another worker (below)
+        tell(trial, value, skip_if_finished=True)  # finished: failed by another worker (below)
         state, what = TrialState.COMPLETE, f"{key} {value:.4f}"
     except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+        tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         state, what = TrialState.PRUNED, "pruned"
     except optuna.exceptions.UpdateFinishedTrialError:  # failed by another worker: heartbeat seen as stale
         what = f"failed: another worker saw no heartbeat for {args.stale_after:g} s; raise --stale-after"
     except UserError as e:  # a bad combination or a diverged run: this trial fails, the search goes on
-        trial.set_user_attr("error", str(e))
-        study.tell(trial, state=TrialState.FAIL)
+        if lead:
+            trial.set_user_attr("error", str(e))
+        tell(trial, state=TrialState.FAIL)
         what = f"failed: {e}"
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    c = counts(study)
-    print(f"trial {trial.number} {what} | done {c['complete']}, running {c['running']}, pruned {c['pruned']}, "
-          f"failed {c['fail']}; budget {args.trials}", flush=True)
-    return state.name
+    if lead:
+        c = counts(study)
+        print(f"trial {number} {what} | done {c['complete']}, running {c['running']}, pruned {c['pruned']}, "
+              f"failed {c['fail']}; budget {args.trials}", flush=True)
+    return rt.bcast(state.name)
 
 
-def work(study, space: dict, args: argparse.Namespace, overrides: list[str], seed: int) -> None:
-    """Ask and run trials until the budget is spent. Asking holds a lock file: the count and the new
-    trial's number agree across workers, and trial n's sampler seed is (seed, n) whoever runs it.
-    Failed trials do not count, so a worker gives up after MAX_FAILS of its own in a row."""
+def ask(study, space: dict, args: argparse.Namespace, seed: int):
+    """The next trial, or None with the budget spent. Asking holds a lock file: the count and the new
+    trial's number agree across workers, and trial n's sampler seed is (seed, n) whoever runs it."""
     import optuna
     from optuna.storages.journal import JournalFileOpenLock
 
-    from ucluster_jax.parallel.runtime import setup
+    lock = JournalFileOpenLock(str(args.out / "ask"))  # a killed holder's lock is broken after 30 s
+    while not lock.acquire():
+        time.sleep(0.1)
+    try:
+        fail_stale(study, args.out, args.stale_after)
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state.name != "FAIL" for t in trials) >= args.trials:
+            return None
+        ss = int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
+        study.sampler = optuna.samplers.TPESampler(seed=ss, constant_liar=True)
+        return study.ask(space)
+    finally:
+        lock.release()
 
-    rt = setup("single")  # under mpirun each rank is its own worker
-    lock = JournalFileOpenLock(str(args.out / "ask"))
+
+def work(study, space: dict, args: argparse.Namespace, overrides: list[str], seed: int, rt) -> None:
+    """Run trials until the budget is spent: the group's rank 0 asks, its ranks train. Failed trials do
+    not count, so a worker gives up after MAX_FAILS of its own in a row."""
     fails = 0
     while fails < MAX_FAILS:
-        while not lock.acquire():
-            time.sleep(0.1)
-        try:
-            fail_stale(study, args.out, args.stale_after)
-            trials = study.get_trials(deepcopy=False)
-            if sum(t.state.name != "FAIL" for t in trials) >= args.trials:
-                return
-            ss = int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
-            study.sampler = optuna.samplers.TPESampler(seed=ss, constant_liar=True)
-            trial = study.ask(space)
-        finally:
-            lock.release()
-        fails = fails + 1 if run_trial(study, trial, args, overrides, rt) == "FAIL" else 0
+        trial = ask(study, space, args, seed) if rt.is_root else None
+        job = rt.bcast(None if trial is None else (trial.number, trial.params))
+        if job is None:
+            return
+        fails = fails + 1 if run_trial(study, trial, job, args, overrides, rt) == "FAIL" else 0
     raise UserError(f"{MAX_FAILS} trials in a row failed (the reasons above); check the space and the base config")
-
-
-def rank_agreement(out: Path, done: list) -> float | None:
-    """Spearman correlation of the completed trials' final test_acc and test_kmeans (both are logged
-    whatever the objective): how far the label-free criterion ranks trials like the accuracy.
-    -1: perfect agreement (k-means loss is minimised); None: fewer than 3 trials or a constant."""
-    from scipy.stats import spearmanr
-
-    last = [json.loads((trial_dir(out, t.number) / "metrics.jsonl").read_text().splitlines()[-1]) for t in done]
-    pairs = [(r["test_acc"], r["test_kmeans"]) for r in last if r.get("test_acc") is not None]
-    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({k for _, k in pairs}) < 2:
-        return None
-    return float(spearmanr(*zip(*pairs)).statistic)
-
-
-def write_plots(study, out: Path, completed: int) -> tuple[list[str], dict[str, str]]:
-    """Optimisation history, parallel coordinates and (from 2 completed trials) importances as PNG."""
-    import optuna.visualization.matplotlib as ovm
-
-    from ucluster_jax.plotstyle import save
-
-    plots = [("history.png", ovm.plot_optimization_history), ("parallel.png", ovm.plot_parallel_coordinate)]
-    if completed >= 2:
-        plots.append(("importances.png", ovm.plot_param_importances))
-    written, skipped = [], {}
-    for name, plot in plots:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna's "experimental" notices
-            try:
-                ax = plot(study)
-            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant
-                skipped[name] = str(e)
-                continue
-        save((ax.flat[0] if hasattr(ax, "flat") else ax).figure, out / name, dpi=100)
-        written.append(name)
-    return written, skipped
-
-
-def report(study, args: argparse.Namespace) -> None:
-    """summary.json, best.yaml, the plots and a table on stdout."""
-    from ucluster_jax.checkpoint import atomic_write
-
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state.name == "COMPLETE"]
-    storage = args.storage.split("://")[0] if args.storage else "journal.log"  # never a URL's password
-    summary: dict[str, Any] = {"study": args.study, "storage": storage, "objective": args.objective,
-                               "direction": OBJECTIVES[args.objective][1], "budget": args.trials,
-                               "trials": counts(study), "best": None}
-    if done:
-        best = study.best_trial
-        cfg = json.loads((trial_dir(args.out, best.number) / "config.json").read_text())
-        atomic_write(args.out / "best.yaml", f"# trial {best.number}, {args.objective} {best.value}\n"
-                     + yaml.safe_dump(cfg, sort_keys=False))
-        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                           "run": trial_dir(args.out, best.number).name, "config": "best.yaml"}
-    summary["acc_vs_kmeans_spearman"] = rank_agreement(args.out, done)
-    summary["plots"], skipped = write_plots(study, args.out, len(done))
-    if skipped:
-        summary["plots_skipped"] = skipped
-    atomic_write(args.out / "summary.json", json.dumps(summary, indent=1))
-    keys = sorted({k for t in trials for k in t.params})
-    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    print(f"{'trial':>5} {'state':>8} {'value':>8}  " + "  ".join(keys))
-    for t in trials:
-        print(f"{t.number:>5} {t.state.name.lower():>8} {'' if t.value is None else f'{t.value:.4f}':>8}  "
-              + "  ".join(f"{k}={show(t.params.get(k))}" for k in keys))
-    best = summary["best"]
-    print(f"best: trial {best['number']} {args.objective} {best['value']:.4f} -> {args.out / 'best.yaml'}"
-          if best else "best: none (no completed trial)", flush=True)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -249,6 +217,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="override a base config value for every trial (repeatable)")
     p.add_argument("--stale-after", type=float, default=300.0, metavar="S",
                    help="fail a running trial whose heartbeat is older than S seconds (its worker died)")
+    p.add_argument("--ranks-per-trial", type=int, default=1, metavar="R",
+                   help="under mpirun: groups of R ranks, each training its trials data-parallel")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -257,19 +227,22 @@ def run(args: argparse.Namespace) -> int:
     from ucluster_jax.parallel.mpi import launched_world
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
-    if args.trials < 0 or args.stale_after <= 3 * HEARTBEAT_S:
-        raise UserError(f"--trials must be >= 0 and --stale-after > {3 * HEARTBEAT_S:g} s")
+    if args.trials < 0 or args.stale_after < MIN_STALE_S:
+        raise UserError(f"--trials must be >= 0 and --stale-after >= {MIN_STALE_S:g} s")
     seed = load_config(args.config, args.overrides).train.seed if args.seed is None else args.seed
     overrides = args.overrides + [f"train.seed={seed}"]
     space = load_space(args.space, args.config, overrides)
     args.out.mkdir(parents=True, exist_ok=True)
-    study = open_study(args, OBJECTIVES[args.objective][1])
-    work(study, space, args, overrides, seed)
+    rt = group_runtime(args.ranks_per_trial)
+    study = open_study(args, OBJECTIVES[args.objective][1]) if rt.is_root else None  # the group's worker
+    work(study, space, args, overrides, seed, rt)
     rank, size = launched_world()
     if rank:
         return 0  # rank 0 reports for the whole mpirun
-    while size > 1 and counts(study)["running"]:  # wait for the other ranks' last trials
+    while size > 1 and counts(study)["running"]:  # wait for the other workers' last trials
         time.sleep(2)
         fail_stale(study, args.out, args.stale_after)
+    from ucluster_jax.tune_report import report
+
     report(study, args)
     return 0

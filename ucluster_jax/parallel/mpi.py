@@ -39,13 +39,14 @@ def launched_world() -> tuple[int, int]:
 
 
 class MPIComm:
-    """A cloned communicator with the reductions the trainer needs."""
+    """A clone of `comm` (default COMM_WORLD; `ucluster tune --ranks-per-trial` passes a group of ranks)
+    with the reductions the trainer needs."""
 
-    def __init__(self) -> None:
+    def __init__(self, comm: Any = None) -> None:
         from mpi4py import MPI
 
         self.MPI = MPI
-        self.comm = MPI.COMM_WORLD.Clone()
+        self.comm = (MPI.COMM_WORLD if comm is None else comm).Clone()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
 

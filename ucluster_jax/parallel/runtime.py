@@ -78,10 +78,13 @@ class Mpi(Engine):
 
     name = "mpi"
 
+    def __init__(self, comm: Any = None) -> None:
+        self.group = comm  # an mpi4py communicator to train over (`ucluster tune`'s groups); None: all ranks
+
     def start(self, num_devices: int | None) -> Runtime:
         require_mpi4jax()  # before any work: the step allreduces with it
         devices = local_devices(num_devices)[:1]
-        comm = MPIComm()
+        comm = MPIComm(self.group)
         return Runtime(self, comm.rank, comm.size, devices, comm)
 
     def make_step(self, rt: Runtime, cfg: Config, *, num_classes: int, with_grads: bool) -> Callable:
