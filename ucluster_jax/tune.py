@@ -2,8 +2,9 @@
 
 Why Optuna: its storages (a journal file on a shared filesystem, or an RDB) let any number of workers,
 mpirun ranks or SLURM array tasks, share one study without a scheduler of ours. Each worker trains its
-trials single-process, in STUDY_DIR/trial-NNNN, through `train()`; its per-epoch score feeds the pruner.
-The budget, --trials, counts every trial in the storage that did not fail; the space: tune_space.py.
+trials in STUDY_DIR/trial-NNNN through `train()`, single-process or (--ranks-per-trial) data-parallel
+over a group of ranks; its per-epoch score feeds the pruner. The budget, --trials, counts every trial in
+the storage that did not fail; the space: tune_space.py; the summary and plots: tune_report.py.
 """
 from __future__ import annotations
 
