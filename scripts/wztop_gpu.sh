@@ -74,7 +74,7 @@ say "data ready"
 
 if [ -n "${TUNE_WORKERS:-}" ]; then
   # -- 2'. the search: K workers on one journal until the budget, then the summary of what finished ------
-  T_TUNE=$(left 70)
+  T_TUNE=$(left 40)
   TUNE=("${UC[@]}" tune --config configs/wztop_cpu.yaml --space "${TUNE_SPACE:-configs/space_wztop_cpu.yaml}"
         --data "$W/data/t1" --test-data "$W/data/test" --out "$W/study" --seed 0 --set train.eval_every_samples=0)
   say "searching for $T_TUNE s with $TUNE_WORKERS workers"
@@ -84,9 +84,9 @@ if [ -n "${TUNE_WORKERS:-}" ]; then
     timeout -s TERM "$T_TUNE" "${TUNE[@]}" --trials 1000 "$@" > "$W/tune_$i.log" 2>&1 & pids+=($!)
   done
   wait "${pids[@]}"
-  # the trials the budget cut off are marked failed once their heartbeat is 31 s old; --trials 0 starts none
-  sleep 35
-  "${TUNE[@]}" --trials 0 --stale-after 31 "$@" > "$W/tune_summary.log" 2>&1
+  # the trials the budget cut off are marked failed once their heartbeat is 5 s old; --trials 0 starts none
+  sleep 6
+  "${TUNE[@]}" --trials 0 --stale-after 5 "$@" > "$W/tune_summary.log" 2>&1
   say "search ended: $(grep -c . "$W/tune_summary.log") summary lines"; tail -n 25 "$W/tune_summary.log"
   cp "$W"/*.log "$W/study/" 2>/dev/null
   (cd "$W" && tar czf "$OUT/study.tar.gz" --exclude=checkpoints study)
