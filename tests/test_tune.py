@@ -94,18 +94,6 @@ def test_bad_space_exits_2_with_one_line_naming_file_and_key(toy, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_two_mpirun_ranks_share_one_journal_study(toy, tmp_path):
-    out = tmp_path / "study"
-    p = mpirun(2, str(BIN / "ucluster"), *tune_args(toy, out, "--trials", "4"), timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    trials = journal_trials(out)
-    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both ranks were workers
-    assert sorted(d.name for d in out.glob("trial-*")) == [f"trial-{n:04d}" for n in range(4)]
-    assert json.loads((out / "summary.json").read_text())["trials"]["running"] == 0
-    assert p.stdout.count("best: trial") == 1  # rank 0 reports once, after every rank's last trial
-
-
 def test_a_sigkilled_worker_loses_only_its_running_trial(toy, tmp_path, capsys):
     out = tmp_path / "study"
     args = tune_args(toy, out, "--trials", "2", "--seed", "3", "--stale-after", "5")
@@ -133,6 +121,8 @@ def test_a_sigkilled_worker_loses_only_its_running_trial(toy, tmp_path, capsys):
 
 
 def test_groups_of_two_mpirun_ranks_train_each_trial_data_parallel(toy, tmp_path):
+    # also the concurrent workers' test: the two groups share one journal study (--ranks-per-trial 1,
+    # the default, makes every rank such a worker, each training single-process)
     out = tmp_path / "study"
     p = mpirun(4, str(BIN / "ucluster"), *tune_args(toy, out, "--trials", "2", "--ranks-per-trial", "2"),
                timeout=600)
@@ -147,4 +137,5 @@ def test_groups_of_two_mpirun_ranks_train_each_trial_data_parallel(toy, tmp_path
         meta = checkpoint.read_verified(checkpoint.list_checkpoints(run)[-1])[1]
         assert (meta["world"], meta["replicas"], meta["engine"]) == (2, 2, "mpi") and t.user_attrs["ranks"] == 2
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # train.epochs=2: one line each
-    assert p.stdout.count("best: trial") == 1
+    assert json.loads((out / "summary.json").read_text())["trials"]["running"] == 0
+    assert p.stdout.count("best: trial") == 1  # rank 0 reports once, after every group's last trial
