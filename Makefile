@@ -16,7 +16,7 @@ demo: install
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
 test: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ucluster bench --out bench_out
