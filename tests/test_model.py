@@ -128,11 +128,11 @@ def test_dense_hand_written_gradient_equals_autodiff():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def plain_matmul(x, w):
+def plain_matmul(x, w, dtype=None):
     return x @ w
 
 
-def plain_dense_bn_relu(red, eps, x, w, bias, scale, beta):
+def plain_dense_bn_relu(red, eps, dtype, x, w, bias, scale, beta):
     """Dense, BatchNorm (global-batch moments as tf.nn.moments), ReLU, written plainly: autodiff's reference."""
     red = red or (lambda v: v)
     z = x @ w + bias
@@ -156,7 +156,7 @@ def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
         params = tuple(jax.random.normal(k, shape, jnp.float64)
                        for k, shape in zip(ks[2:], [(5, 6), (6,), (6,), (6,), (2, 6)]))
         red = lambda v: jax.lax.psum(v, "r")  # noqa: E731
-        reference = partial(plain_dense_bn_relu, red, eps)
+        reference = partial(plain_dense_bn_relu, red, eps, None)
 
         def per_replica(f, x, rr, *p):
             def loss(*a):
@@ -165,9 +165,54 @@ def test_dense_bn_relu_backward_equals_autodiff_over_replicas():
             return jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, *p[:-1])
 
         results = [jax.vmap(partial(per_replica, f), in_axes=(0, 0) + (None,) * 5, axis_name="r")(x, r, *params)
-                   for f in (reference, partial(dense_bn_relu, red, eps))]
+                   for f in (reference, partial(dense_bn_relu, red, eps, None))]
         for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_matmuls_round_operands_and_sum_in_float32():
+    """model.compute_dtype=bfloat16: a matmul is the float32 matmul of its operands rounded to bfloat16
+    (products of bfloat16 are exact in float32), forward and in the hand-written backward, where the
+    incoming gradient is rounded too; the result is float32."""
+    from ucluster_jax.model.dense import matmul
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(6), 3)
+    x, w, g = (jax.random.normal(k, s) for k, s in zip((k1, k2, k3), ((4, 7, 5), (5, 6), (4, 7, 6))))
+    r = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    y, vjp = jax.vjp(lambda x, w: matmul(x, w, jnp.bfloat16), x, w)
+    assert y.dtype == jnp.float32 and not np.array_equal(np.asarray(y), np.asarray(x @ w))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(r(x) @ r(w)), rtol=1e-6, atol=1e-6)
+    dx, dw = vjp(g)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(r(g) @ r(w).T), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(r(x).reshape(-1, 5).T @ r(g).reshape(-1, 6)),
+                               rtol=1e-6, atol=1e-5)
+
+
+def test_bfloat16_model_keeps_float32_state_and_a_nearby_loss():
+    """The whole model with bfloat16 matmuls: parameters, BatchNorm statistics, outputs and gradients stay
+    float32, and the loss moves by rounding, not more (whether accuracy holds is a training question)."""
+    from ucluster_jax.bench import synthetic_jets
+    from ucluster_jax.losses import combined_loss
+
+    d = synthetic_jets(8, 30, seed=4)
+    x, tgt = jnp.asarray(d["x"]), jnp.asarray(d["target"])
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config(None, ["model.num_points=30", "model.k=5", f"model.compute_dtype={dtype}"]).model
+        v = init_variables(cfg, 2)
+        m = UCluster(cfg, edge_chunk=4)
+
+        def loss(p, m=m, v=v):
+            out, new = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, decay=0.7,
+                               mutable=["batch_stats"])
+            return combined_loss(out, tgt, alpha=4.0, cluster_weight=1.0, gamma=2.0, focal_alpha=1.0)[0], (out, new)
+
+        (value, (out, new)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        runs[dtype] = float(value), out, new, grads
+    l32, (l16, o16, s16, g16) = runs["float32"][0], runs["bfloat16"]
+    assert l16 != l32 and abs(l16 / l32 - 1) < 0.02
+    leaves = jax.tree_util.tree_leaves((o16, s16, g16))
+    assert all(a.dtype == jnp.float32 for a in leaves) and all(bool(jnp.all(jnp.isfinite(a))) for a in leaves)
 
 
 def test_model_training_gradients_equal_autodiff_over_replicas(monkeypatch):

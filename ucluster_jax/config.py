@@ -43,6 +43,9 @@ class ModelConfig:
     padding_penalty: float = 1000.0
     mask_padding: bool = False  # deviation: exclude padded points from pooling and BN statistics
     bn_epsilon: float = 1e-3
+    # "bfloat16": the Dense/1x1-conv matmuls take bfloat16 operands and sum in float32 (tensor cores);
+    # parameters, BatchNorm, the edge passes, losses and k-means stay float32
+    compute_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ def validate(cfg: Config) -> None:
     rules = [
         ("model.variant", m.variant in ("multiclass", "anomaly"), "multiclass or anomaly"),
         ("model.pooling", m.pooling in ("mean", "max"), "mean or max"),
+        ("model.compute_dtype", m.compute_dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
         ("model.num_points", m.num_points > 0, "> 0"),
         ("model.num_features", m.num_features > 0, "> 0"),
         ("model.k", 0 < m.k <= m.num_points, f"in 1..model.num_points ({m.num_points})"),

@@ -9,13 +9,13 @@ reduced over replicas by `replica_sum`, so every replica normalises with the glo
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ucluster_jax.model.dense import matmul_grads
+from ucluster_jax.model.dense import dot, matmul_grads
 
 Array = jax.Array
 ReplicaSum = Callable[[Array], Array]
@@ -77,30 +77,30 @@ def moments(red: Callable[[Array], Array], x: Array) -> tuple[Array, Array, Arra
     return count, mean, red(jnp.sum(jnp.square(x - jax.lax.stop_gradient(mean)), axes)) / count
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def dense_bn_relu(replica_sum: ReplicaSum | None, eps: float, x: Array, w: Array, bias: Array, scale: Array,
-                  beta: Array) -> tuple[Array, Array, Array]:
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def dense_bn_relu(replica_sum: ReplicaSum | None, eps: float, dtype: Any, x: Array, w: Array, bias: Array,
+                  scale: Array, beta: Array) -> tuple[Array, Array, Array]:
     """ReLU(BatchNorm(x w + bias)) with the batch's moments, as `BatchNorm` computes them in training;
     returns (output, mean, variance).
 
     The same function as Dense, BatchNorm, ReLU, with the backward pass written out: autodiff
     stores four [B,N,C] intermediates and makes six passes over them; this stores the matmul's
     output only (the bias cancels in the normalisation) and makes two: one for the two sums
-    BatchNorm's gradient needs, one for the gradient itself.
+    BatchNorm's gradient needs, one for the gradient itself. `dtype`: the matmuls' compute dtype (`dot`).
     """
-    return _dbr_fwd(replica_sum, eps, x, w, bias, scale, beta)[0]
+    return _dbr_fwd(replica_sum, eps, dtype, x, w, bias, scale, beta)[0]
 
 
-def _dbr_fwd(replica_sum, eps, x, w, bias, scale, beta):
+def _dbr_fwd(replica_sum, eps, dtype, x, w, bias, scale, beta):
     red = replica_sum or (lambda v: v)
-    zw = x @ w
+    zw = dot(x, w, dtype)
     count, mw, var = moments(red, zw)
     r = jax.lax.rsqrt(var + eps)
     y = jax.nn.relu(_pre(zw, mw, r, scale, beta))
     return (y, mw + bias, var), (x, w, zw, mw, r, scale, beta, count)
 
 
-def _dbr_bwd(replica_sum, eps, res, cot):
+def _dbr_bwd(replica_sum, eps, dtype, res, cot):
     red = replica_sum or (lambda v: v)
     x, w, zw, mw, r, scale, beta, count = res
     dy, dmean, dvar = cot
@@ -112,7 +112,7 @@ def _dbr_bwd(replica_sum, eps, res, cot):
     # too, here in one reduction (autodiff makes two)
     g1, g2, gm, gv = red(jnp.stack([s1, s2, dmean, dvar])) / count
     dz = (scale * r) * (dpre - g1 - xhat * g2) + gm + 2.0 * gv * (zw - mw)
-    dx, dw = matmul_grads(x, w, dz)
+    dx, dw = matmul_grads(x, w, dz, dtype)
     return dx, dw, jnp.sum(dz, axes), s2, s1
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import flax.linen as nn
 from ucluster_jax.model.batchnorm import (
     BatchNorm, ReplicaSum, bn_variables, dense_bn_relu, moments, sum_and_count, update_moving_moments,
 )
-from ucluster_jax.model.dense import Dense, glorot, matmul
+from ucluster_jax.model.dense import Dense, dot, glorot, matmul
 from ucluster_jax.model.knn import adjacency, gather_neighbours, scatter_neighbours
 
 Array = jax.Array
@@ -27,6 +28,7 @@ class ConvBN(nn.Module):
     use_bias: bool = True
     bn_epsilon: float = 1e-3
     replica_sum: ReplicaSum | None = None
+    dtype: Any = None  # the matmul's compute dtype (model.compute_dtype)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float, mask: Array | None = None) -> Array:
@@ -34,10 +36,10 @@ class ConvBN(nn.Module):
             w, bias = _DenseVars(self.features, self.use_bias, name="dense")(x.shape[-1])
             bn = _BNVars(name="bn")
             g, b, _, _ = bn(self.features)
-            y, mean, var = dense_bn_relu(self.replica_sum, self.bn_epsilon, x, w, bias, g, b)
+            y, mean, var = dense_bn_relu(self.replica_sum, self.bn_epsilon, self.dtype, x, w, bias, g, b)
             bn(self.features, mean, var, decay)
             return y
-        y = Dense(self.features, use_bias=self.use_bias, name="dense")(x)
+        y = Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, name="dense")(x)
         y = BatchNorm(self.bn_epsilon, self.replica_sum, name="bn")(y, train=train, decay=decay, mask=mask)
         return nn.relu(y)
 
@@ -59,22 +61,23 @@ class GAPLayer(nn.Module):
     replica_sum: ReplicaSum | None = None
     edge_per_point: bool = True
     edge_chunk: int = 0
+    dtype: Any = None  # the matmuls' compute dtype (model.compute_dtype); the edge passes stay float32
 
     @nn.compact
     def __call__(self, x: Array, idx: Array, *, train: bool, decay: Array | float,
                  mask: Array | None = None) -> tuple[Array, Array]:
-        bn_kw = dict(bn_epsilon=self.bn_epsilon, replica_sum=self.replica_sum)
+        bn_kw = dict(bn_epsilon=self.bn_epsilon, replica_sum=self.replica_sum, dtype=self.dtype)
         h = ConvBN(self.features, use_bias=False, name="newfea", **bn_kw)(x, train=train, decay=decay, mask=mask)
 
         w_e = self.param("edge_kernel", glorot, (x.shape[-1], self.features))
         b_e = self.param("edge_bias", nn.initializers.zeros, (self.features,))
         if self.edge_chunk > 0 and self.edge_per_point and mask is None:
-            return self._chunked(matmul(x, w_e), b_e, h, idx, train=train, decay=decay)
+            return self._chunked(matmul(x, w_e, self.dtype), b_e, h, idx, train=train, decay=decay)
         if self.edge_per_point:
-            u = matmul(x, w_e)
+            u = matmul(x, w_e, self.dtype)
             e = u[:, :, None, :] - gather_neighbours(u, idx) + b_e
         else:
-            e = (x[:, :, None, :] - gather_neighbours(x, idx)) @ w_e + b_e
+            e = dot(x[:, :, None, :] - gather_neighbours(x, idx), w_e, self.dtype) + b_e
         edge_mask = None if mask is None else jnp.broadcast_to(mask[:, :, None], idx.shape)
         y = nn.relu(BatchNorm(self.bn_epsilon, self.replica_sum, name="edge_bn")(
             e, train=train, decay=decay, mask=edge_mask))
@@ -88,7 +91,7 @@ class GAPLayer(nn.Module):
 
     def _chunked(self, u: Array, b_e: Array, h: Array, idx: Array, *, train: bool, decay) -> tuple[Array, Array]:
         F = self.features
-        bn_kw = dict(bn_epsilon=self.bn_epsilon, replica_sum=self.replica_sum)
+        bn_kw = dict(bn_epsilon=self.bn_epsilon, replica_sum=self.replica_sum, dtype=self.dtype)
         edge_bn = _BNVars(name="edge_bn")
         g1, b1, rm1, rv1 = edge_bn(F)
         s = ConvBN(1, name="self_att", **bn_kw)(h, train=train, decay=decay)  # [B,N,1]

@@ -32,7 +32,8 @@ class UCluster(nn.Module):
                  global_features: Array | None = None) -> dict[str, Array]:
         cfg = self.cfg
         mask = (x[..., 2] != 0) if cfg.mask_padding else None
-        kw = dict(bn_epsilon=cfg.bn_epsilon, replica_sum=self.replica_sum)
+        kw = dict(bn_epsilon=cfg.bn_epsilon, replica_sum=self.replica_sum,
+                  dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None)
         call = dict(train=train, decay=decay, mask=mask)
         chunk = self.edge_chunk
 
