@@ -120,9 +120,9 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     log = Logger(out, rt.is_root, t.tensorboard)
     rec: dict[str, Any] = {}
 
-    def save(state, epoch: int, next_epoch: int, next_step: int) -> None:
-        """Rank 0 writes the state, the last completed epoch and the iterator state to resume from."""
-        h = rt.host_state(state)  # every rank: per-replica BN statistics are averaged over all of them
+    def save(h: TrainState, epoch: int, next_epoch: int, next_step: int) -> None:
+        """Rank 0 writes the host state `h` (`rt.host_state`, which every rank computes: per-replica BN
+        statistics are averaged over all of them), the last completed epoch and the iterator state."""
         if rt.is_root:
             checkpoint.save(out, h, step=int(h.step), keep=t.keep_checkpoints,
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
@@ -130,8 +130,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
 
     try:
         for epoch in range(start_epoch, t.epochs):
-            first = start_step if epoch == start_epoch else 0
-            host = rt.host_state(state)
+            first = start_step if epoch == start_epoch else 0  # `host`: the state, as placed or last fetched
             if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
                 mu = init_centroids(rt, cfg, host, ds)
                 host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
@@ -144,7 +143,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             state = rt.put_state(host.replace(alpha=jnp.float32(alpha), cluster_weight=jnp.float32(weight),
                                               joint_lr=jnp.float32(joint_lr)))
 
-            mid_epoch = (lambda st, s: save(st, epoch - 1, epoch, s)) if t.checkpoint_every_steps else None
+            mid_epoch = (lambda st, s: save(rt.host_state(st), epoch - 1, epoch, s)) if t.checkpoint_every_steps \
+                else None
             score = None
             if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
                 score = functools.partial(score_point, rt, cfg, test_ds, log.point, epoch=epoch, alpha=alpha,
@@ -164,7 +164,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
             if first:
                 rec["resumed_at_step"] = first
-            save(state, epoch, epoch + 1, 0)
+            save(host, epoch, epoch + 1, 0)  # the host copy taken after the epoch: no second transfer
             log.epoch(rec)
             every = t.tensorboard_latent_every
             if log.events is not None and every and epoch >= t.pretrain_epochs and (epoch + 1) % every == 0:
