@@ -287,3 +287,35 @@ def test_empty_datasets(tmp_path):
         ParquetDataset(tmp_path / "missing")
     with pytest.raises(UserError):
         ParquetDataset(d, rank=2, world=2)
+
+
+def test_per_point_targets_and_global_features_roundtrip(tmp_path):
+    """The anomaly layout: a class per particle and 4 event features stay aligned with their event."""
+    meta = DatasetMeta(num_points=4, num_features=2, feature_names=("a", "b"), num_targets=21, num_global=4,
+                       class_names=("background", "signal"), target_per_point=True)
+    ids = np.arange(150)
+    a = arrays(ids, meta)
+    a["target"] = (ids[:, None] + np.arange(4)) % 21
+    a["label"] = ids % 2
+    a["global"] = ids[:, None] + np.arange(4, dtype=np.float32) / 10
+    write_shards(tmp_path / "d", a, meta, row_group_size=40)
+    assert pq.read_schema(next((tmp_path / "d").glob("*.parquet"))).field("target").type == pa.list_(pa.int32(), 4)
+    ds = ParquetDataset(tmp_path / "d", world=2, rank=1)
+    assert ds.meta == meta
+    for b in ds.batches(32, lanes=2, seed=3, epoch=0, shuffle=True):
+        i = b["mass"].astype(int)
+        np.testing.assert_array_equal(b["target"], (i[:, None] + np.arange(4)) % 21)
+        np.testing.assert_allclose(b["global"][:, 0], i)
+    every = ParquetDataset(tmp_path / "d").read_all()
+    np.testing.assert_array_equal(every["target"], a["target"])
+    with pytest.raises(ValueError, match=r"target has shape \(150,\), expected \(150, 4\)"):
+        write_shards(tmp_path / "e", {**a, "target": ids}, meta)
+    bad = {**a, "target": np.where(ids[:, None] == 77, 21, a["target"])}
+    write_shards(tmp_path / "f", bad, meta, row_group_size=40)
+    with pytest.raises(DataError, match=r"row group 1: 'target' outside 0..20 \(first bad row 37\)"):
+        ParquetDataset(tmp_path / "f").read_all()
+
+
+def test_metadata_written_before_per_point_targets_reads_as_per_jet():
+    md = {k.encode(): v.encode() for k, v in META.to_metadata().items() if not k.endswith("target_per_point")}
+    assert DatasetMeta.from_metadata(md) == META and not META.target_per_point

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ucluster_jax.data.lanes import Lane, RowRanges, check_lanes, lane_bounds, rank_lanes
-from ucluster_jax.data.schema import SCALAR_COLUMNS, SHARD_GLOB, DatasetMeta
+from ucluster_jax.data.schema import SHARD_GLOB, DatasetMeta
 from ucluster_jax.errors import DataError, UserError
 
 
@@ -27,9 +27,8 @@ class RowGroup:
 
 
 def _check_schema(path: Path, schema: pa.Schema, meta: DatasetMeta) -> None:
-    want = {"particles": pa.list_(pa.float32(), meta.particle_size), **SCALAR_COLUMNS}
-    if meta.num_global:
-        want["global"] = pa.list_(pa.float32(), meta.num_global)
+    want = {"particles": pa.list_(pa.float32(), meta.particle_size),
+            **{k: pa.list_(t, shape[0]) if shape else t for k, (t, shape) in meta.row_columns().items()}}
     for name, typ in want.items():
         idx = schema.get_field_index(name)
         if idx < 0:
@@ -175,25 +174,19 @@ class ParquetDataset:
         if table.num_rows != g.rows:
             raise DataError(f"{where}: has {table.num_rows} rows, footer said {g.rows} (file changed?)")
         out: dict[str, np.ndarray] = {}
-        for name, width in (("particles", m.particle_size), ("global", m.num_global)):
-            if name == "global" and not width:
-                continue
+        columns = {"particles": (pa.float32(), (m.num_points, m.num_features)), **m.row_columns()}
+        for name, (_, shape) in columns.items():
             col = table.column(name).combine_chunks()
             if col.null_count:
                 raise DataError(f"{where}: {col.null_count} null value(s) in '{name}'")
-            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            arr = values.reshape(g.rows, m.num_points, m.num_features) if name == "particles" else \
-                values.reshape(g.rows, width)
-            bad = ~np.isfinite(arr).reshape(g.rows, -1).all(axis=1)
-            if bad.any():
-                raise DataError(f"{where}: non-finite values in '{name}' (first bad row {int(np.argmax(bad))}, "
-                                f"{int(bad.sum())} row(s))")
+            arr = (col.flatten() if shape else col).to_numpy(zero_copy_only=False).reshape(g.rows, *shape)
+            if arr.dtype.kind == "f":
+                arr = arr.astype(np.float32, copy=False)
+                bad = ~np.isfinite(arr).reshape(g.rows, -1).all(axis=1)
+                if bad.any():
+                    raise DataError(f"{where}: non-finite values in '{name}' (first bad row "
+                                    f"{int(np.argmax(bad))}, {int(bad.sum())} row(s))")
             out["x" if name == "particles" else name] = arr
-        for name in SCALAR_COLUMNS:
-            col = table.column(name)
-            if col.null_count:
-                raise DataError(f"{where}: {col.null_count} null value(s) in '{name}'")
-            out[name] = col.to_numpy()
         checks = (
             ("target", (out["target"] < 0) | (out["target"] >= m.num_targets), f"outside 0..{m.num_targets - 1}"),
             ("label", (out["label"] < -1) | (out["label"] >= len(m.class_names)),
@@ -201,6 +194,7 @@ class ParquetDataset:
             ("mass", ~np.isfinite(out["mass"]), "non-finite"),
         )
         for name, bad, what in checks:
+            bad = bad.reshape(g.rows, -1).any(axis=1)
             if bad.any():
                 raise DataError(f"{where}: '{name}' {what} (first bad row {int(np.argmax(bad))})")
         return out
@@ -230,8 +224,7 @@ class ParquetDataset:
         if not parts:  # fewer evaluation batches than ranks
             m = self.meta
             parts = [{"x": np.zeros((0, m.num_points, m.num_features), np.float32),
-                      **{k: np.zeros(0, t.to_pandas_dtype()) for k, t in SCALAR_COLUMNS.items()},
-                      **({"global": np.zeros((0, m.num_global), np.float32)} if m.num_global else {})}]
+                      **{k: np.zeros((0, *shape), t.to_pandas_dtype()) for k, (t, shape) in m.row_columns().items()}}]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ META_PREFIX = "ucluster."
 DEFAULT_ROW_GROUP_SIZE = 2048
 DEFAULT_SHARD_SIZE = 32 * DEFAULT_ROW_GROUP_SIZE
 SHARD_GLOB = "*.parquet"
+OPTIONAL_META = {"target_per_point"}  # added later: datasets written before it read as per-jet targets
 
 # per-jet scalar columns and their arrow types
 SCALAR_COLUMNS: dict[str, pa.DataType] = {"target": pa.int32(), "label": pa.int32(), "mass": pa.float32()}
@@ -40,6 +41,9 @@ class DatasetMeta:
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
     num_global: int = 0
     format_version: int = FORMAT_VERSION
+    # True: `target` is one class per particle [num_points] (the anomaly task's jet-mass bin of each
+    # particle's jet), not one per jet
+    target_per_point: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_names", tuple(str(n) for n in self.feature_names))
@@ -48,6 +52,8 @@ class DatasetMeta:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if name == "num_global" else 1):
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+        if not isinstance(self.target_per_point, bool):
+            raise ValueError(f"target_per_point={self.target_per_point!r} must be true or false")
         if len(self.feature_names) != self.num_features:
             raise ValueError(f"{len(self.feature_names)} feature_names for num_features={self.num_features}")
 
@@ -55,11 +61,19 @@ class DatasetMeta:
     def particle_size(self) -> int:
         return self.num_points * self.num_features
 
+    def row_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
+        """Every column but `particles`: name -> (arrow value type, shape of one row's value)."""
+        cols = {k: (t, ()) for k, t in SCALAR_COLUMNS.items()}
+        if self.target_per_point:
+            cols["target"] = (pa.int32(), (self.num_points,))
+        if self.num_global:
+            cols["global"] = (pa.float32(), (self.num_global,))
+        return cols
+
     def arrow_schema(self) -> pa.Schema:
         fields = [pa.field("particles", pa.list_(pa.float32(), self.particle_size), nullable=False)]
-        fields += [pa.field(k, t, nullable=False) for k, t in SCALAR_COLUMNS.items()]
-        if self.num_global:
-            fields.append(pa.field("global", pa.list_(pa.float32(), self.num_global), nullable=False))
+        fields += [pa.field(k, pa.list_(t, shape[0]) if shape else t, nullable=False)
+                   for k, (t, shape) in self.row_columns().items()]
         return pa.schema(fields, metadata=self.to_metadata())
 
     def to_metadata(self) -> dict[str, str]:
@@ -79,7 +93,7 @@ class DatasetMeta:
         if version != FORMAT_VERSION:
             raise ValueError(f"format_version {version!r} is not supported (this reader knows {FORMAT_VERSION})")
         known = {f for f in cls.__dataclass_fields__}
-        missing = sorted(known - set(values))
+        missing = sorted(known - set(values) - OPTIONAL_META)
         if missing:
             raise ValueError(f"schema metadata lacks {', '.join(META_PREFIX + m for m in missing)}")
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
@@ -155,25 +169,20 @@ class ShardWriter:
         if not np.isfinite(x).all():
             raise DataError(f"{self.out_dir}: refusing to write non-finite particle features")
         out = {"x": x}
-        for k, t in SCALAR_COLUMNS.items():
+        for k, (t, shape) in m.row_columns().items():
             if k not in arrays:
                 raise ValueError(f"arrays lack '{k}'")
             raw = np.asarray(arrays[k])
-            a = raw.astype(t.to_pandas_dtype(), copy=False)
-            if a.shape != (n,):
-                raise ValueError(f"{k} has shape {a.shape}, expected ({n},)")
+            a = np.ascontiguousarray(raw.astype(t.to_pandas_dtype(), copy=False))
+            if a.shape != (n, *shape):
+                raise ValueError(f"{k} has shape {a.shape}, expected {(n, *shape)}")
             if not np.isfinite(raw).all() or (a.dtype.kind == "i" and not np.array_equal(a, raw)):
                 raise DataError(f"{self.out_dir}: refusing to write non-finite or non-integer '{k}' values")
             out[k] = a
-        if m.num_global:
-            g = np.ascontiguousarray(arrays["global"], dtype=np.float32)
-            if g.shape != (n, m.num_global):
-                raise ValueError(f"global has shape {g.shape}, expected ({n}, {m.num_global})")
-            out["global"] = g
         return out
 
     def add(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Queue jets (dict with x [N,P,F], target, label, mass, optional global); writes full row groups."""
+        """Queue jets (dict with x [N,P,F] and meta.row_columns()); writes full row groups."""
         if self._done:
             raise RuntimeError("writer already committed or aborted")
         a = self._check(arrays)
@@ -204,9 +213,8 @@ class ShardWriter:
     def _write_group(self, n: int) -> None:
         a = self._take(n)
         cols = [pa.FixedSizeListArray.from_arrays(pa.array(a["x"].reshape(-1)), self.meta.particle_size)]
-        cols += [pa.array(a[k], type=t) for k, t in SCALAR_COLUMNS.items()]
-        if self.meta.num_global:
-            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(a["global"].reshape(-1)), self.meta.num_global))
+        cols += [pa.FixedSizeListArray.from_arrays(pa.array(a[k].reshape(-1), type=t), shape[0]) if shape
+                 else pa.array(a[k], type=t) for k, (t, shape) in self.meta.row_columns().items()]
         table = pa.Table.from_arrays(cols, schema=self._schema)
         if self._writer is None:
             path = self._tmp_name(len(self._tmp))
