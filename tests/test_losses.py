@@ -78,3 +78,20 @@ def test_centroids_get_gradient_only_in_the_clustering_phase():
     # the clustering loss also reaches the network through z
     diff = np.abs(np.asarray(g_joint["agg"]["dense"]["kernel"]) - np.asarray(g_pre["agg"]["dense"]["kernel"])).sum()
     assert diff > 0
+
+
+def test_per_particle_focal_reductions_match_the_original_seg_loss():
+    """models/gapnet_seg.py get_focal_loss: fl = alpha*onehot*(1-p)^g*-log(p) [B,N,C], reduce_max over the
+    point axis, mean over events and classes."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(5, 7, 21)) * 3
+    y = rng.integers(0, 21, size=(5, 7))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(21)[y]
+    fl = 10.0 * onehot * (1 - (p + 1e-9)) ** 2 * -np.log(p + 1e-9)
+    got = focal_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(y), 2.0, 10.0, "max_per_class")
+    np.testing.assert_allclose(got, fl.max(axis=1).mean(), rtol=2e-5)
+    mean = focal_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(y), 2.0, 10.0, "mean")
+    np.testing.assert_allclose(mean, fl.sum(-1).mean(), rtol=2e-5)
+    assert float(got) != float(mean)

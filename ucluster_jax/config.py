@@ -56,6 +56,9 @@ class LossConfig:
     focal_alpha: float = 1.0  # (committed: 10)
     beta: float = 10.0  # weight of the clustering loss in the joint phase (committed: 1)
     alpha_scale: float = 5.0  # alpha = alpha_scale * (epoch - pretrain_epochs + 2): 10 at the first joint epoch
+    # per-particle targets (anomaly): "max_per_class" is the original's reduction (per event and class the
+    # largest particle loss, then the mean over events and classes); "mean": over every particle
+    point_reduce: str = "max_per_class"
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ def validate(cfg: Config) -> None:
         ("model.global_width", m.global_width > 0, "> 0"),
         ("model.bn_epsilon", m.bn_epsilon > 0, "> 0"),
         ("loss.focal_gamma", lo.focal_gamma >= 0, ">= 0"),
+        ("loss.point_reduce", lo.point_reduce in ("max_per_class", "mean"), "max_per_class or mean"),
         ("train.epochs", t.epochs > 0, "> 0"),
         ("train.pretrain_epochs", 0 <= t.pretrain_epochs <= t.epochs, f"in 0..train.epochs ({t.epochs})"),
         ("train.batch_size", t.batch_size > 0, "> 0"),

@@ -1,8 +1,8 @@
 """`ucluster evaluate`: cluster a dataset with a trained run and score it.
 
 Writes RUN_DIR/eval/: summary.json (globally matched accuracy first, the original's per-batch figure
-beside it, confusion matrix, n_jets), per_jet.parquet (cluster, distances, latent, truth, mass) and
-PNG plots.
+beside it, confusion matrix, n_jets; for the anomaly task the signal enrichment, anomaly.py),
+per_jet.parquet (cluster, distances, latent, truth, mass, global features) and PNG plots.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ucluster_jax import checkpoint, plots
+from ucluster_jax import anomaly, checkpoint, plots
 from ucluster_jax.config import Config, config_from_dict
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import UserError
@@ -64,6 +64,8 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         "checkpoint_step": int(meta["step"]), "checkpoint_epoch": int(meta["epoch"]),
         "data": str(data), "run": str(run_dir),
     }
+    if ds.meta.target_per_point:  # the anomaly task: resonance events in QCD dijets
+        summary["anomaly"] = anomaly.report(cluster, label, parts["global"], k)
     out = Path(out) if out else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     table = {"cluster": cluster.astype(np.int32), "label": label.astype(np.int32),
@@ -72,13 +74,18 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         table[f"dist_{i}"] = parts["dist"][:, i].astype(np.float32)
     for i in range(parts["z"].shape[1]):
         table[f"z_{i}"] = parts["z"][:, i].astype(np.float32)
+    for i in range(parts["global"].shape[1] if "global" in parts else 0):
+        table[f"global_{i}"] = parts["global"][:, i].astype(np.float32)
     tmp = out / ".per_jet.parquet.tmp"
     pq.write_table(pa.table(table), tmp)
     tmp.replace(out / "per_jet.parquet")
     if plots_too:
         mu = np.asarray(state.params["mu"])
         plots.latent_plot(parts["z"], cluster, label, mu, out / "latent.png", names, seed=cfg.train.seed)
-        plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png", names)
+        if "anomaly" in summary:
+            anomaly.mjj_plot(parts["mass"], cluster, label, parts["global"], summary["anomaly"], out / "mjj.png")
+        else:
+            plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png", names)
         metrics_file = Path(run_dir) / "metrics.jsonl"
         if metrics_file.exists():
             recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -112,5 +119,19 @@ def run(args: argparse.Namespace) -> int:
         for k, row in enumerate(cont):
             print(f"  cluster {k} -> {plots.class_name(names, s['cluster_to_class'][k], '-'):>3s}: "
                   + " ".join(f"{v:8d}" for v in row))
+        if "anomaly" in s:
+            print_anomaly(s["anomaly"])
         print(f"jets: {s['n_jets']}; wrote {(args.out or args.run / 'eval')}")
     return 0
+
+
+def print_anomaly(a: dict) -> None:
+    print(f"signal fraction {a['signal_fraction']:.4f}; per cluster (eps_S, eps_B, purity, S/sqrt(B) gain):")
+    rows = [(f"cluster {c}" + (" (signal-rich)" if c == a["signal_cluster"] else ""), r)
+            for c, r in enumerate(a["clusters"])]
+    w = a["mass_window"]["window_gev"]
+    rows.append((f"jet-mass window {w['heavier_jet'][0]:.0f}-{w['heavier_jet'][1]:.0f} x "
+                 f"{w['lighter_jet'][0]:.0f}-{w['lighter_jet'][1]:.0f} GeV (uses labels)", a["mass_window"]))
+    for name, r in rows:
+        print(f"  {name}: {r['eff_signal']:.3f} {r['eff_background']:.4f} {r['purity']:.3f} "
+              f"{r['significance_improvement']:.2f}")

@@ -7,11 +7,21 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def focal_loss(logits: Array, target: Array, gamma: float = 4.0, alpha: float = 10.0) -> Array:
-    """alpha * (1 - p_y)^gamma * -log(p_y + 1e-9), averaged over every target (jets or particles)."""
+def focal_loss(logits: Array, target: Array, gamma: float = 4.0, alpha: float = 10.0,
+               point_reduce: str = "mean") -> Array:
+    """alpha * (1 - p_y)^gamma * -log(p_y + 1e-9), averaged over jets.
+
+    Per-particle targets [B,N]: "mean" averages over every particle; "max_per_class" is the original
+    anomaly model's reduce_max over the point axis of the [B,N,C] loss: per event and class the worst
+    particle, then the mean over events and all C classes (absent classes count as 0).
+    """
     p = jax.nn.softmax(logits, axis=-1)
-    p_y = jnp.take_along_axis(p, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.mean(alpha * (1.0 - p_y) ** gamma * -jnp.log(p_y + 1e-9))
+    onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=p.dtype)
+    p_y = jnp.sum(p * onehot, axis=-1)
+    per = alpha * (1.0 - p_y) ** gamma * -jnp.log(p_y + 1e-9)
+    if per.ndim == 2 and point_reduce == "max_per_class":
+        return jnp.mean(jnp.max(per[..., None] * onehot, axis=1))
+    return jnp.mean(per)
 
 
 def kmeans_loss(dist: Array, alpha: Array | float) -> Array:
@@ -22,8 +32,8 @@ def kmeans_loss(dist: Array, alpha: Array | float) -> Array:
 
 
 def combined_loss(out: dict[str, Array], target: Array, *, alpha: Array | float, cluster_weight: Array | float,
-                  gamma: float, focal_alpha: float) -> tuple[Array, dict[str, Array]]:
+                  gamma: float, focal_alpha: float, point_reduce: str = "mean") -> tuple[Array, dict[str, Array]]:
     """L = L_focal + cluster_weight * L_km; cluster_weight is 0 before the clustering phase, beta after."""
-    l_focal = focal_loss(out["logits"], target, gamma, focal_alpha)
+    l_focal = focal_loss(out["logits"], target, gamma, focal_alpha, point_reduce)
     l_km = kmeans_loss(out["dist"], alpha)
     return l_focal + cluster_weight * l_km, {"focal": l_focal, "kmeans": l_km}

@@ -33,10 +33,12 @@ from ucluster_jax.train.state import TrainState, create_state, learning_rate, ph
 
 def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
     m = ds.meta
-    want = (cfg.model.num_points, cfg.model.num_features, cfg.model.num_targets)
-    have = (m.num_points, m.num_features, m.num_targets)
+    per_point = cfg.model.variant == "anomaly"
+    want = (cfg.model.num_points, cfg.model.num_features, cfg.model.num_targets, cfg.model.num_global, per_point)
+    have = (m.num_points, m.num_features, m.num_targets, m.num_global, m.target_per_point)
     if want != have:
-        raise DataError(f"{path}: data has (points, features, targets) = {have}, the config's model expects {want}")
+        raise DataError(f"{path}: data has (points, features, targets, global features, per-particle targets) = "
+                        f"{have}, the config's model expects {want}")
 
 
 def uneven_read_warning(ds: ParquetDataset, path: Path) -> str | None:

@@ -28,20 +28,24 @@ def _compiled_eval(cfg: Config, train_mode_bn: bool):
 
 def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[dict[str, np.ndarray]], *,
           train_mode_bn: bool) -> dict[str, np.ndarray]:
-    """Embeddings, distances, logits, labels and masses of `batches` (one device per rank), in order."""
+    """Embeddings, distances, per-jet logits, global features, labels and masses of `batches` (one device
+    per rank), in order."""
     fn = _compiled_eval(cfg, train_mode_bn)
     dev = rt.devices[0]
     state = jax.device_put(host_state, dev)
-    outs: dict[str, list] = {"z": [], "dist": [], "label": [], "mass": [], "logits": []}
+    m = cfg.model
+    # the per-jet logits (baselines); the anomaly model's per-particle ones would be 100x larger
+    width = {"z": m.latent_dim, "dist": m.num_clusters,
+             **({"logits": m.num_targets} if m.variant != "anomaly" else {}),
+             **({"global": m.num_global} if m.num_global else {})}
+    outs: dict[str, list] = {k: [] for k in (*width, "label", "mass")}
     for b in batches:
         o = fn(state, jax.device_put(b["x"], dev), b.get("global"))
-        for k in ("z", "dist", "logits"):
-            outs[k].append(o[k])
+        for k in width:
+            outs[k].append(b[k] if k == "global" else o[k])
         outs["label"].append(b["label"])
         outs["mass"].append(b["mass"])
     if not outs["z"]:  # a rank without evaluation batches: empty rows of the right widths, for the gathers
-        m = cfg.model
-        width = {"z": m.latent_dim, "dist": m.num_clusters, "logits": m.num_targets}
         return {k: np.zeros((0, width[k]) if k in width else (0,), np.float32) for k in outs}
     return {k: np.concatenate(jax.device_get(v)) for k, v in outs.items()}
 

@@ -86,7 +86,8 @@ def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_cla
                                         train=True, decay=decay, global_features=batch.get("global"),
                                         mutable=["batch_stats"])
             loss, parts = combined_loss(out, batch["target"], alpha=state.alpha, cluster_weight=state.cluster_weight,
-                                        gamma=lc.focal_gamma, focal_alpha=lc.focal_alpha)
+                                        gamma=lc.focal_gamma, focal_alpha=lc.focal_alpha,
+                                        point_reduce=lc.point_reduce)
             return loss, (parts, new_vars["batch_stats"], out["dist"])
 
         (loss, (parts, new_stats, dist)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
