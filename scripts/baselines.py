@@ -16,6 +16,10 @@
         its clusters give per 1 GeV of mass, the masses where the majority changes, and the accuracy of a
         mass-only classifier that gives every jet its mass bin's majority (equal to the model's accuracy
         when the clusters are mass windows), beside the best cuts fitted on TRAIN.
+    python scripts/baselines.py widths --per-jet EVAL/per_jet.parquet [--json OUT]
+        the clusters of `ucluster evaluate` re-assigned with per-cluster widths: classification EM with a
+        variance (isotropic or per dimension) and a prior per cluster on the trained latent, started from
+        the trained assignment; the accuracy after one step and at convergence.
     python scripts/baselines.py supervised-data --data IN --out OUT [--part N]
         a copy of a dataset (or of every N-th row group of it) whose `target` is the truth class (0 W, 1 Z, 2 top),
         num_targets the number of classes.
@@ -288,6 +292,34 @@ def cmd_supervised(a: argparse.Namespace) -> dict:
             "confusion": confusion_pred(pred, y, c)[:c], "n_test": int(len(y))}
 
 
+def cmd_widths(a: argparse.Namespace) -> dict:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(a.per_jet).to_pydict()
+    dims = sorted(k for k in t if k.startswith("z_"))
+    z = np.stack([np.asarray(t[k], np.float64) for k in dims], 1)
+    label, start = np.asarray(t["label"], np.int64), np.asarray(t["cluster"], np.int64)
+    k = int(start.max()) + 1
+    acc = lambda c: matched_accuracy(contingency_np(c, label, k, int(label.max()) + 1))[0]  # noqa: E731
+    res = {"per_jet": str(a.per_jet), "nearest_centroid": acc(start)}
+    for kind in ("isotropic", "per_dimension"):
+        c, steps = start.copy(), []
+        for _ in range(100):
+            mu = np.stack([z[c == j].mean(0) for j in range(k)])
+            d2 = (z[:, None, :] - mu[None]) ** 2  # [N, K, D]
+            var = np.stack([d2[c == j, j].mean(0) for j in range(k)])  # [K, D]
+            if kind == "isotropic":
+                var = np.repeat(var.mean(1, keepdims=True), z.shape[1], 1)
+            cost = (d2 / var).sum(-1) + np.log(var).sum(-1) - 2 * np.log(np.bincount(c, minlength=k) / len(c))
+            new = np.argmin(cost, 1)
+            steps.append(acc(new))
+            if np.array_equal(new, c):
+                break
+            c = new
+        res[kind] = {"after_one_step": steps[0], "converged": steps[-1], "steps": len(steps)}
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -313,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s.add_argument("--plot", type=Path, help="PNG of the cluster fractions against the jet mass")
+    s = sub.add_parser("widths")
+    s.add_argument("--per-jet", type=Path, required=True, help="per_jet.parquet written by `ucluster evaluate`")
     s = sub.add_parser("supervised-data")
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
@@ -324,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sub.choices.values():
         s.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "boundary": cmd_boundary, "supervised-data": cmd_supervised_data,
+    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "boundary": cmd_boundary, "widths": cmd_widths, "supervised-data": cmd_supervised_data,
            "supervised": cmd_supervised}[a.cmd](a)
     text = json.dumps(res, indent=1)
     if a.json:
