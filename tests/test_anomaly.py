@@ -7,11 +7,26 @@ import pytest
 
 from conftest import BIN, REPO
 from ucluster_jax.anomaly import best_mass_window, report, selection
+from ucluster_jax.config import load_config
 from ucluster_jax.data.schema import DatasetMeta, write_shards
+from ucluster_jax.train.state import learning_rate, phase
 
 ANOMALY_TINY = ["model.num_points=30", "model.k=5", "train.batch_size=64", "train.epochs=3",
                 "train.pretrain_epochs=2", "train.learning_rate=1e-3", "train.lr_decay_samples=2000",
                 "train.bn_decay_samples=2000", "train.shuffle=true", "train.kmeans_restarts=3"]
+
+
+def test_anomaly_config_is_the_original_seg_run():
+    """scripts/train_kmeans_seg.py: focal only through epoch 10 (MAX_PRETRAIN), then focal + k-means with
+    alpha 10 (epoch - 10 + 1); lr 0.01 halved per 1 M samples, floor 1e-5; batch 1024; gamma 2, alpha_f 10."""
+    cfg = load_config("configs/anomaly.yaml")
+    assert [phase(cfg, e) for e in (0, 10)] == [(0.0, 0.0, 0.0)] * 2
+    assert phase(cfg, 11) == (20.0, 1.0, 0.0) and phase(cfg, 99) == (900.0, 1.0, 0.0)
+    assert (cfg.loss.focal_gamma, cfg.loss.focal_alpha, cfg.loss.point_reduce) == (2.0, 10.0, "max_per_class")
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.num_clusters, cfg.model.pooling) == (1024, 100, 2, "max")
+    assert float(learning_rate(0, cfg.train)) == pytest.approx(1e-2)
+    assert float(learning_rate(2_500_000, cfg.train)) == pytest.approx(2.5e-3)
+    assert load_config("configs/anomaly_cpu.yaml").model == cfg.model
 
 
 def masses(rng, n_sig, n_bkg):

@@ -23,7 +23,7 @@ def test_bad_value_is_refused_naming_the_key(override):
 
 
 @pytest.mark.parametrize("path", [None, "configs/demo.yaml", "configs/wztop.yaml", "configs/wztop_cpu.yaml",
-                                  "configs/anomaly.yaml"])
+                                  "configs/anomaly.yaml", "configs/anomaly_cpu.yaml"])
 def test_shipped_configs_are_valid(path):
     load_config(path)
 
