@@ -63,15 +63,19 @@ class Job:
     config: GenConfig
     chunk_size: int = 1000
 
-    def chunks(self, rank: int) -> list[Chunk]:
+    def chunk_sizes(self, rank: int) -> list[int]:
+        """This rank's share of the total, in chunks of chunk_size (the last one shorter)."""
         n = self.total // self.world + (rank < self.total % self.world)
         sizes = [self.chunk_size] * (n // self.chunk_size)
         if n % self.chunk_size:
             sizes.append(n % self.chunk_size)
+        return sizes
+
+    def chunks(self, rank: int) -> list[Chunk]:
         procs = self.config.processes
         P = len(procs)
         chunks = []
-        for c, size in enumerate(sizes):
+        for c, size in enumerate(self.chunk_sizes(rank)):
             extra = size % P
             quotas = {p: size // P + (((i - c - rank) % P) < extra) for i, p in enumerate(procs)}
             chunks.append(Chunk(rank, c, quotas))
@@ -79,6 +83,13 @@ class Job:
 
     def path(self, chunk: Chunk) -> Path:
         return self.out_dir / f"shard-{chunk.rank:04d}-{chunk.index:04d}.h5"
+
+    def write_chunk(self, chunk: Chunk, path: Path, attrs: dict,
+                    on_event: Callable[[int], None]) -> tuple[int, dict]:
+        """Simulate one chunk and write it atomically to `path`; (rows written, stats)."""
+        c, j, stats = generate_chunk(self, chunk, on_event)
+        write_h5_atomic(path, c, j, {**attrs, "ucluster_generate_stats": json.dumps(stats, sort_keys=True)})
+        return len(j), stats
 
 
 def generate_chunk(job: Job, chunk: Chunk,
@@ -161,13 +172,9 @@ def _run_ranks(job: Job, ranks: list[int], overwrite: bool,
                 if not overwrite:
                     raise UserError(f"{path} exists from a different run (other seed or settings); "
                                     "use --overwrite or another --out")
-            c, j, stats = generate_chunk(job, chunk, on_event=lambda n: report("event", n))
-            attrs = {
-                "ucluster_generate_key": json.dumps(key, sort_keys=True),
-                "ucluster_generate_stats": json.dumps(stats, sort_keys=True),
-            }
-            write_h5_atomic(path, c, j, attrs)
-            report("chunk", {"path": str(path), "skipped": False, "jets": len(j), "stats": stats})
+            attrs = {"ucluster_generate_key": json.dumps(key, sort_keys=True)}
+            n, stats = job.write_chunk(chunk, path, attrs, lambda n: report("event", n))
+            report("chunk", {"path": str(path), "skipped": False, "jets": n, "stats": stats})
 
 
 def _prepare_out_dir(job: Job, ranks: list[int], overwrite: bool, check_all_ranks: bool) -> None:
@@ -268,29 +275,14 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
     if (jets is None) == (events is None):
         raise UserError("give exactly one of --jets N or --events N")
     total = jets if jets is not None else events
-    if total is None or total < 1:
-        raise UserError(f"--jets/--events must be >= 1, got {total}")
-    if seed < 0:
-        raise UserError(f"--seed must be >= 0, got {seed}")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    if chunk_size < 1:
-        raise UserError(f"--chunk must be >= 1, got {chunk_size}")
+    check_run_args(total, seed, workers, chunk_size)
     if fmt not in ("h5", "parquet"):
         raise UserError(f"--format must be h5 or parquet, got {fmt!r}")
     check_pythia_settings(config)  # fail early: missing extra, or a setting Pythia does not know
 
     out = Path(out)
-    mpi_rank, mpi_size = mpi_rank_size()
-    merge_to: Path | None = None
-    if fmt == "h5" and out.suffix.lower() in (".h5", ".hdf5"):
-        if mpi_size > 1:
-            raise UserError("under mpirun --out must be a folder (each rank writes its own shards)")
-        merge_to = out
-        out_dir = out.with_name(out.name + ".parts")
-        if out.exists() and not overwrite:
-            raise UserError(f"{out} exists; use --overwrite or another --out")
-    elif fmt == "parquet":
+    mpi_size = mpi_rank_size()[1]
+    if fmt == "parquet":
         if mpi_size > 1:
             raise UserError("--format parquet writes one dataset from one process: use --workers, or "
                             "generate h5 under mpirun and convert with `ucluster prepare`")
@@ -299,16 +291,81 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
             raise UserError(f"the parquet dataset holds W/Z/top only; {','.join(extra)} jets need --format h5")
         if out.is_dir() and any(out.glob("*.parquet")) and not overwrite:
             raise UserError(f"{out} already holds parquet files; use --overwrite or another --out")
-        out_dir = out / ".h5chunks"  # chunk files (resumable) until the conversion at the end
+        merge_to, out_dir = None, out / ".h5chunks"  # chunk files (resumable) until the conversion
+        _make_dir(out_dir)
     else:
-        out_dir = out
+        merge_to, out_dir = out_paths(out, overwrite)
+
+    job = Job(out_dir=out_dir, seed=seed, mode="jets" if jets is not None else "events",
+              total=total, world=mpi_size * workers, config=config, chunk_size=chunk_size)
+    result, bar, prefix = run_job(
+        job, out, workers, overwrite, progress,
+        count=lambda ev, jt: jt if job.mode == "jets" else ev,
+        line=lambda ev, jt, rate: f"{ev} events, {jt} jets, {rate:.1f} events/s")
+
+    if merge_to is not None:
+        merge_h5(result.files, merge_to)
+        finish_merge(result, merge_to, out_dir)
+    elif fmt == "parquet":
+        result.files = h5_to_parquet(result.files, out, overwrite=overwrite)
+        for p in job.out_dir.glob("shard-*.h5"):
+            p.unlink()
+        with contextlib.suppress(OSError):
+            job.out_dir.rmdir()
+
+    skipped = f", {result.skipped_chunks} chunk(s) already there" if result.skipped_chunks else ""
+    bar.enabled = progress  # every rank reports its own end line
+    bar.close(f"{prefix}: {result.jets} jets from {result.events} events in {result.seconds:.1f} s "
+            f"({result.events_per_s:.1f} events/s{skipped}) -> {out}")
+    return result
+
+
+def check_run_args(total: int | None, seed: int, workers: int, chunk_size: int) -> None:
+    if total is None or total < 1:
+        raise UserError(f"--jets/--events must be >= 1, got {total}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if chunk_size < 1:
+        raise UserError(f"--chunk must be >= 1, got {chunk_size}")
+
+
+def out_paths(out: Path, overwrite: bool) -> tuple[Path | None, Path]:
+    """(merged file or None, folder of the chunk files) for --out, a folder or a name ending in
+    .h5/.hdf5 (one merged file; the chunks wait in `<out>.parts/`). Creates the folder."""
+    merge_to, out_dir = None, out
+    if out.suffix.lower() in (".h5", ".hdf5"):
+        if mpi_rank_size()[1] > 1:
+            raise UserError("under mpirun --out must be a folder (each rank writes its own shards)")
+        if out.exists() and not overwrite:
+            raise UserError(f"{out} exists; use --overwrite or another --out")
+        merge_to, out_dir = out, out.with_name(out.name + ".parts")
+    _make_dir(out_dir)
+    return merge_to, out_dir
+
+
+def _make_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    world = mpi_size * workers
-    job = Job(out_dir=out_dir, seed=seed, mode="jets" if jets is not None else "events",
-              total=total, world=world, config=config, chunk_size=chunk_size)
+
+def finish_merge(result: GenerateResult, merged: Path, parts_dir: Path) -> None:
+    """After the chunks were merged into one file: remove them and their folder."""
+    for p in result.files:
+        p.unlink()
+    with contextlib.suppress(OSError):
+        parts_dir.rmdir()
+    result.files = [merged]
+
+
+def run_job(job: Job, out: Path, workers: int, overwrite: bool, progress: bool, count: Callable,
+            line: Callable) -> tuple[GenerateResult, Progress, str]:
+    """Generate this MPI rank's chunks of `job` (in `workers` subprocesses if > 1) with a progress
+    line; Ctrl-C/SIGTERM keeps the complete chunks. `count(events, jets)` is the progress count and
+    `line(events, jets, events/s)` its text, where each chunk reports ("event", jets) per event."""
+    mpi_rank, mpi_size = mpi_rank_size()
     my_ranks = [mpi_rank * workers + w for w in range(workers)]
     _prepare_out_dir(job, my_ranks, overwrite, check_all_ranks=mpi_rank == 0)
 
@@ -321,7 +378,7 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
 
     def show():
         ev, jt = counts["events"], counts["jets"]
-        bar.update(jt if job.mode == "jets" else ev, f"{ev} events, {jt} jets, {bar.rate(ev):.1f} events/s")
+        bar.update(count(ev, jt), line(ev, jt, bar.rate(ev)))
 
     def on_report(kind, payload):
         if kind == "event":
@@ -348,8 +405,8 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
         else:
             _run_workers(job, my_ranks, overwrite, on_report)
     except KeyboardInterrupt:
-        done = sorted(job.out_dir.glob("shard-*.h5"))
-        bar.close(f"{prefix}: interrupted after {counts['events']} events; {len(done)} complete chunk "
+        kept = sorted(job.out_dir.glob("shard-*.h5"))
+        bar.close(f"{prefix}: interrupted after {counts['events']} events; {len(kept)} complete chunk "
                 f"file(s) kept in {job.out_dir} (rerun the same command to finish)")
         raise
     finally:
@@ -359,26 +416,7 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
     result.events = counts["events"]
     result.jets = counts["jets"]
     result.files.sort()
-
-    if merge_to is not None:
-        merge_h5(result.files, merge_to)
-        for p in result.files:
-            p.unlink()
-        with contextlib.suppress(OSError):
-            out_dir.rmdir()
-        result.files = [merge_to]
-    elif fmt == "parquet":
-        result.files = h5_to_parquet(result.files, out, overwrite=overwrite)
-        for p in job.out_dir.glob("shard-*.h5"):
-            p.unlink()
-        with contextlib.suppress(OSError):
-            job.out_dir.rmdir()
-
-    skipped = f", {result.skipped_chunks} chunk(s) already there" if result.skipped_chunks else ""
-    bar.enabled = progress  # every rank reports its own end line
-    bar.close(f"{prefix}: {result.jets} jets from {result.events} events in {result.seconds:.1f} s "
-            f"({result.events_per_s:.1f} events/s{skipped}) -> {out}")
-    return result
+    return result, bar, prefix
 
 
 def _run_workers(job: Job, ranks: list[int], overwrite: bool, on_report) -> None:
