@@ -101,7 +101,8 @@ class GenConfig:
     def validate(self) -> None:
         bad = [p for p in self.processes if p not in PROCESSES]
         if bad or not self.processes:
-            raise UserError(f"unknown process(es) {bad or '(none)'}; choose from {','.join(PROCESS_ORDER)}")
+            raise UserError(f"unknown process(es) {bad or '(none)'}; choose from {','.join(PROCESSES)} "
+                            f"(event processes {','.join(EVENT_PROCESSES)}: events.generate_events)")
         if len(set(self.processes)) != len(self.processes):
             raise UserError(f"process listed twice: {','.join(self.processes)}")
         if not 0 <= self.pt_min < self.pt_max:
