@@ -361,6 +361,28 @@ def _leading_jets(row: np.ndarray):
     return [(j.pt(), j.eta(), j.m()) for j in jets], (jets[0] + jets[1]).m()
 
 
+@needs_pythia
+def test_resonance_decays_in_the_event_record():
+    from ucluster_jax.data.generate.events import EventSimulator
+
+    sim = EventSimulator("resonance", gen.EventConfig(processes=("resonance",), signal_fraction=1.0),
+                         seed=1, rng=np.random.default_rng(0))
+    for _ in range(4):
+        sim.next_accepted()
+        ev = sim.pythia.event
+        last = [ev[i] for i in range(ev.size()) if ev[i].idAbs() in (34, 36, 37) and ev[i].iBotCopyId() == i]
+        byid = {p.idAbs(): p for p in last}
+        assert sorted(byid) == [34, 36, 37] and len(last) == 3
+        assert sorted(abs(ev[d].id()) for d in byid[34].daughterList()) == [36, 37]
+        assert byid[34].id() * byid[37].id() > 0  # W'+ -> H+ A0: charge conserved
+        assert abs(byid[34].m() - 3500) < 0.2 * 3500
+        for pid, mass in ((37, 500.0), (36, 100.0)):
+            assert abs(byid[pid].m() - mass) < 0.01 * mass
+            quarks = [ev[d].id() for d in byid[pid].daughterList()]
+            assert len(quarks) == 2 and all(1 <= abs(q) <= 4 for q in quarks), quarks
+    assert sim.accepted == 4 and sim.generated >= 4
+
+
 @pytest.fixture(scope="module")
 def lhco_sample(tmp_path_factory):
     """32 events, half resonance, seed 5, two chunks merged into one file, through the command line."""
@@ -413,8 +435,9 @@ def test_lhco_resonance_and_qcd_physics(lhco_sample):
     signal = {"mjj": [], "heavy": [], "light": []}
     for row in values:
         jets, mjj = _leading_jets(row)
-        if row[-1] == 0:  # QCD: passed the trigger (up to particle masses dropped from the rows)
-            assert any(pt > 1190 and abs(eta) < 2.5 for pt, eta, _ in jets), jets
+        # every event passed the trigger (up to the particle masses, which the rows drop)
+        assert any(pt > 1190 and abs(eta) < 2.5 for pt, eta, _ in jets), jets
+        if row[-1] == 0:
             continue
         signal["mjj"].append(mjj)
         signal["heavy"].append(max(jets[0][2], jets[1][2]))
@@ -422,8 +445,10 @@ def test_lhco_resonance_and_qcd_physics(lhco_sample):
     mjj, heavy, light = (np.array(signal[k]) for k in ("mjj", "heavy", "light"))
     assert len(mjj) == 16
     assert np.mean((mjj > 2500) & (mjj < 4200)) >= 0.8, mjj  # W' at 3.5 TeV
-    assert np.mean((heavy > 400) & (heavy < 620)) >= 0.6, heavy  # X at 500 GeV (+ underlying event)
-    assert np.mean((light > 60) & (light < 180)) >= 0.6, light  # Y at 100 GeV
+    # X at 500 GeV, Y at 100 GeV (+ underlying event). In 300 events: 78 % and 87 % in these windows
+    # (the rest: X's quarks not both inside R=1), against 15 % and 70 % for QCD's leading two jets.
+    assert np.mean((heavy > 400) & (heavy < 620)) >= 0.5, heavy
+    assert np.mean((light > 60) & (light < 180)) >= 0.6, light
 
 
 @needs_pythia
