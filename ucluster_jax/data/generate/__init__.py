@@ -14,15 +14,16 @@ Each chunk file is written under a hidden temporary name and renamed when comple
 pythia8mc and fastjet are an optional extra (`pip install 'ucluster-jax[generate]'`) and are
 imported only inside the functions that need them.
 
-Modules: spec (what to simulate), physics (Pythia + FastJet), jobs (chunks, workers, ranks),
-writers (files), events and lhco (the event processes and their file layout), cli (the command's
+Modules: spec (what to simulate), physics (Pythia + FastJet), jobs (chunks and their seeds),
+runner (workers, ranks, resuming, progress), writers (files), events and lhco (the event processes and their file layout), cli (the command's
 arguments).
 """
 from ucluster_jax.data.generate.cli import add_args, config_from_args, run
 from ucluster_jax.data.generate.events import EventJob, generate_events
-from ucluster_jax.data.generate.jobs import GenerateResult, Job, generate, pythia_seed
+from ucluster_jax.data.generate.jobs import Job, generate, pythia_seed
 from ucluster_jax.data.generate.physics import JetSimulator, constituent_features, import_backends
 from ucluster_jax.data.generate.lhco import read_lhco
+from ucluster_jax.data.generate.runner import GenerateResult
 from ucluster_jax.data.generate.spec import (
     EVENT_PROCESSES, JET_FEATURE_NAMES, LABELS, PARTICLE_FEATURE_NAMES, PROCESS_ORDER, PYTHIA_SEED_MAX,
     EventConfig, GenConfig,

@@ -3,7 +3,7 @@
 Every event must pass the LHCO trigger (an anti-kT R=1 jet with pT > 1.2 TeV, |eta| < 2.5);
 Pythia generates until a chunk's quota of accepted events is reached. An event becomes one row:
 up to 700 visible particles' (pT, eta, phi) by decreasing pT, zero-padded, then the truth label
-(1 resonance, 0 QCD). The chunks, workers, MPI ranks, resuming and progress line are jobs.py's;
+(1 resonance, 0 QCD). The chunks, workers, MPI ranks, resuming and progress line are jobs.py's and runner.py's;
 this module supplies the chunk content and the file layout (lhco.py). See docs/GENERATE.md.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from ucluster_jax.data.generate.jobs import (
-    Chunk, GenerateResult, Job, _aux_rng, check_run_args, finish_merge, mpi_rank_size, out_paths, pythia_seed,
-    run_job,
+from ucluster_jax.data.generate.jobs import Chunk, Job, _aux_rng, pythia_seed
+from ucluster_jax.data.generate.runner import (
+    GenerateResult, check_run_args, finish_merge, mpi_rank_size, out_paths, run_job,
 )
 from ucluster_jax.data.generate.lhco import merge_lhco, write_lhco_rows
 from ucluster_jax.data.generate.physics import (
