@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ucluster_jax.data.generate.jobs import Chunk, Job, _aux_rng, pythia_seed
+from ucluster_jax.data.generate.jobs import Chunk, Job, aux_rng, pythia_seed
 from ucluster_jax.data.generate.runner import (
     GenerateResult, check_run_args, finish_merge, mpi_rank_size, out_paths, run_job,
 )
@@ -115,7 +115,7 @@ def generate_event_chunk(job: EventJob, chunk: Chunk,
         if quota == 0:  # no Pythia start-up for nothing
             continue
         sim = EventSimulator(process, cfg, pythia_seed(job.seed, chunk.rank, chunk.index, process),
-                             _aux_rng(job.seed, chunk.rank, chunk.index, PROCESS_ORDER.index(process)))
+                             aux_rng(job.seed, chunk.rank, chunk.index, PROCESS_ORDER.index(process)))
         for _ in range(quota):
             p4, tries = sim.next_accepted()
             rows.append(event_row(p4, EVENT_PROCESSES[process], cfg.max_particles))
@@ -125,7 +125,7 @@ def generate_event_chunk(job: EventJob, chunk: Chunk,
         stats["generated"][process] = sim.generated
         stats["failed_events"][process] = sim.failed
     values = np.stack(rows) if rows else np.zeros((0, 3 * cfg.max_particles + 1))
-    perm = _aux_rng(job.seed, chunk.rank, chunk.index, 99).permutation(len(values))
+    perm = aux_rng(job.seed, chunk.rank, chunk.index, 99).permutation(len(values))
     return values[perm], stats
 
 

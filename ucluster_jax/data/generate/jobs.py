@@ -28,7 +28,8 @@ def pythia_seed(seed: int, rank: int, chunk: int, process: str) -> int:
     return int((int(state[0]) << 32 | int(state[1])) % PYTHIA_SEED_MAX) + 1
 
 
-def _aux_rng(seed: int, rank: int, chunk: int, code: int) -> np.random.Generator:
+def aux_rng(seed: int, rank: int, chunk: int, code: int) -> np.random.Generator:
+    """NumPy generator for smearing (code = process index) or the row shuffle (code 99), per chunk."""
     return np.random.default_rng(np.random.SeedSequence([seed, rank, chunk, 100 + code]))
 
 
@@ -105,7 +106,7 @@ def generate_chunk(job: Job, chunk: Chunk,
             continue
         code = PROCESS_ORDER.index(process)
         sim = JetSimulator(process, cfg, pythia_seed(job.seed, chunk.rank, chunk.index, process),
-                           _aux_rng(job.seed, chunk.rank, chunk.index, code))
+                           aux_rng(job.seed, chunk.rank, chunk.index, code))
         events = jets = 0
         while True:
             if job.mode == "events" and events >= quota:
@@ -140,7 +141,7 @@ def generate_chunk(job: Job, chunk: Chunk,
     else:
         c = np.zeros((0, MAX_CONSTITUENTS, len(PARTICLE_FEATURES)), np.float32)
         j = np.zeros((0, len(JET_FEATURE_NAMES)), np.float32)
-    perm = _aux_rng(job.seed, chunk.rank, chunk.index, 99).permutation(len(j))
+    perm = aux_rng(job.seed, chunk.rank, chunk.index, 99).permutation(len(j))
     return c[perm], j[perm], stats
 
 
