@@ -1,4 +1,5 @@
-"""`ucluster generate`: Pythia 8 + FastJet jets in the hls4ml layout (SPEC section 1).
+"""`ucluster generate`: Pythia 8 + FastJet jets in the hls4ml layout (SPEC section 1), and events
+in the LHC Olympics R&D layout (qcd-dijet, resonance).
 
 Tests that simulate need the optional extra (pythia8mc, fastjet) and are skipped without it;
 `make test` installs the extra so they run. Samples are tiny (tens of jets) to stay fast.
@@ -100,7 +101,8 @@ def test_constituent_features_by_hand():
 def test_pythia_seeds_in_range_and_distinct():
     seeds = {gen.pythia_seed(s, r, c, p) for s in (0, 1, 2**40) for r in range(3) for c in range(3)
              for p in gen.PROCESS_ORDER}
-    assert len(seeds) == 3 * 3 * 3 * 5
+    assert len(seeds) == 3 * 3 * 3 * len(gen.PROCESS_ORDER)
+    assert gen.PROCESS_ORDER[:5] == ("w", "z", "top", "q", "g")  # new processes go after: old seeds stay
     assert all(1 <= s <= gen.PYTHIA_SEED_MAX for s in seeds)
     assert gen.pythia_seed(5, 1, 2, "w") == gen.pythia_seed(5, 1, 2, "w")
 
@@ -298,3 +300,167 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "unknown process" in err and "higgs" in err
+
+
+# ------------------------------------------------------------------- event processes (LHCO R&D layout)
+
+def test_event_chunk_plan_gives_the_exact_signal_count():
+    cfg = gen.EventConfig(signal_fraction=0.1)
+    job = gen.EventJob(out_dir=Path("."), seed=0, mode="events", total=1001, world=3, config=cfg, chunk_size=70)
+    chunks = [c for r in range(3) for c in job.chunks(r)]
+    assert sum(c.quotas["resonance"] for c in chunks) == round(0.1 * 1001)
+    assert sum(sum(c.quotas.values()) for c in chunks) == 1001
+    assert all(0 <= c.quotas["resonance"] <= 8 for c in chunks)  # spread, about 7 per chunk of 70
+    only_qcd = gen.EventJob(out_dir=Path("."), seed=0, mode="events", total=10, world=1,
+                            config=gen.EventConfig(processes=("qcd-dijet",), signal_fraction=0.0))
+    assert [c.quotas for c in only_qcd.chunks(0)] == [{"qcd-dijet": 10}]
+
+
+def test_event_row_sorted_padded_labelled():
+    from ucluster_jax.data.generate.events import event_row
+
+    pts, etas, phis = np.array([5.0, 300.0, 40.0]), np.array([0.3, -1.2, 2.0]), np.array([3.0, -0.5, 1.0])
+    p4 = np.stack([pts * np.cos(phis), pts * np.sin(phis), pts * np.sinh(etas), pts * np.cosh(etas)], 1)
+    row = event_row(p4, label=1, max_particles=4)
+    assert row.shape == (13,) and row[-1] == 1
+    np.testing.assert_allclose(row[:9].reshape(3, 3), [[300, -1.2, -0.5], [40, 2.0, 1.0], [5, 0.3, 3.0]])
+    np.testing.assert_array_equal(row[9:12], 0.0)
+    assert event_row(p4, label=0, max_particles=2)[:6].reshape(2, 3)[:, 0].tolist() == [300, 40]
+
+
+def test_event_arguments_are_user_errors(tmp_path, capsys):
+    from ucluster_jax import cli
+
+    with pytest.raises(UserError, match="signal-fraction"):
+        gen.EventConfig(signal_fraction=1.2).validate()
+    with pytest.raises(UserError, match="does not fit"):
+        gen.EventConfig(processes=("qcd-dijet",), signal_fraction=0.1).validate()
+    with pytest.raises(UserError, match="X \\+ Y"):
+        gen.EventConfig(x_mass=3000.0).validate()
+    for argv, message in (
+            (["--processes", "w,resonance", "--events", "5"], "cannot mix"),
+            (["--processes", "qcd-dijet,resonance", "--events", "5", "--signal-fraction", "-0.1"], "[0, 1]"),
+            (["--processes", "qcd-dijet,resonance", "--jets", "5"], "--jets"),
+            (["--processes", "w", "--jets", "5", "--wprime-mass", "3000"], "--wprime-mass")):
+        assert cli.main(["generate", "--out", str(tmp_path / "x.h5"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def _leading_jets(row: np.ndarray):
+    """Leading two anti-kT R=1 jets (pt, eta, mass) and their invariant mass, from one LHCO row."""
+    import fastjet
+
+    x = row[:-1].reshape(-1, 3)
+    x = x[x[:, 0] > 0]
+    pjs = [fastjet.PseudoJet(pt * math.cos(phi), pt * math.sin(phi), pt * math.sinh(eta), pt * math.cosh(eta))
+           for pt, eta, phi in x.tolist()]
+    cs = fastjet.ClusterSequence(pjs, fastjet.JetDefinition(fastjet.antikt_algorithm, 1.0))
+    jets = fastjet.sorted_by_pt(cs.inclusive_jets())[:2]
+    return [(j.pt(), j.eta(), j.m()) for j in jets], (jets[0] + jets[1]).m()
+
+
+@needs_pythia
+def test_resonance_decays_in_the_event_record():
+    from ucluster_jax.data.generate.events import EventSimulator
+
+    sim = EventSimulator("resonance", gen.EventConfig(processes=("resonance",), signal_fraction=1.0),
+                         seed=1, rng=np.random.default_rng(0))
+    for _ in range(4):
+        sim.next_accepted()
+        ev = sim.pythia.event
+        last = [ev[i] for i in range(ev.size()) if ev[i].idAbs() in (34, 36, 37) and ev[i].iBotCopyId() == i]
+        byid = {p.idAbs(): p for p in last}
+        assert sorted(byid) == [34, 36, 37] and len(last) == 3
+        assert sorted(abs(ev[d].id()) for d in byid[34].daughterList()) == [36, 37]
+        assert byid[34].id() * byid[37].id() > 0  # W'+ -> H+ A0: charge conserved
+        assert abs(byid[34].m() - 3500) < 0.2 * 3500
+        for pid, mass in ((37, 500.0), (36, 100.0)):
+            assert abs(byid[pid].m() - mass) < 0.01 * mass
+            quarks = [ev[d].id() for d in byid[pid].daughterList()]
+            assert len(quarks) == 2 and all(1 <= abs(q) <= 4 for q in quarks), quarks
+    assert sim.accepted == 4 and sim.generated >= 4
+
+
+@pytest.fixture(scope="module")
+def lhco_sample(tmp_path_factory):
+    """32 events, half resonance, seed 5, two chunks merged into one file, through the command line."""
+    from ucluster_jax import cli
+
+    out = tmp_path_factory.mktemp("lhco") / "events.h5"
+    rc = cli.main(["generate", "--processes", "qcd-dijet,resonance", "--events", "32", "--signal-fraction", "0.5",
+                   "--seed", "5", "--chunk", "16", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out
+
+
+@needs_pythia
+def test_lhco_layout(lhco_sample):
+    assert sorted(p.name for p in lhco_sample.parent.iterdir()) == ["events.h5"]  # parts folder removed
+    with h5py.File(lhco_sample, "r") as f:
+        assert list(f.keys()) == ["df"]
+        g = f["df"]
+        assert set(g.keys()) == {"axis0", "axis1", "block0_items", "block0_values"}
+        v = g["block0_values"]
+        assert v.shape == (32, 2101) and v.dtype == np.float64
+        assert [n.decode() for n in g["axis0"][:]] == [str(i) for i in range(2101)]
+        np.testing.assert_array_equal(g["block0_items"][:], g["axis0"][:])
+        np.testing.assert_array_equal(g["axis1"][:], np.arange(32))
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+        for k, want in {"pandas_type": "frame", "encoding": "UTF-8", "ndim": 2, "nblocks": 1,
+                        "block0_items_variety": "regular", "axis0_variety": "regular",
+                        "axis1_variety": "regular"}.items():
+            assert attrs[k] == want, k
+        assert "pandas_version" in attrs and g["block0_values"].attrs["transposed"]
+        values = v[:]
+    assert np.isfinite(values).all()
+    labels = values[:, -1]
+    assert sorted(set(labels.tolist())) == [0.0, 1.0] and labels.sum() == 16
+    assert 0 < labels[:16].sum() < 16  # shuffled within the chunk, not blocks of one process
+    parts = values[:, :-1].reshape(32, 700, 3)
+    pt, eta, phi = parts[..., 0], parts[..., 1], parts[..., 2]
+    n = (pt > 0).sum(1)
+    for i in range(32):
+        assert 50 < n[i] <= 700
+        assert np.all(np.diff(pt[i, : n[i]]) <= 0)  # decreasing pT
+        np.testing.assert_array_equal(parts[i, n[i]:], 0.0)  # zero padding
+        assert np.all(pt[i, : n[i]] > 0.5) and np.all(np.abs(eta[i, : n[i]]) < 2.5)
+        assert np.all(np.abs(phi[i, : n[i]]) <= math.pi)
+
+
+@needs_pythia
+def test_lhco_resonance_and_qcd_physics(lhco_sample):
+    values = h5py.File(lhco_sample, "r")["df/block0_values"][:]
+    signal = {"mjj": [], "heavy": [], "light": []}
+    for row in values:
+        jets, mjj = _leading_jets(row)
+        # every event passed the trigger (up to the particle masses, which the rows drop)
+        assert any(pt > 1190 and abs(eta) < 2.5 for pt, eta, _ in jets), jets
+        if row[-1] == 0:
+            continue
+        signal["mjj"].append(mjj)
+        signal["heavy"].append(max(jets[0][2], jets[1][2]))
+        signal["light"].append(min(jets[0][2], jets[1][2]))
+    mjj, heavy, light = (np.array(signal[k]) for k in ("mjj", "heavy", "light"))
+    assert len(mjj) == 16
+    assert np.mean((mjj > 2500) & (mjj < 4200)) >= 0.8, mjj  # W' at 3.5 TeV
+    # X at 500 GeV, Y at 100 GeV (+ underlying event). In 300 events: 78 % and 87 % in these windows
+    # (the rest: X's quarks not both inside R=1), against 15 % and 70 % for QCD's leading two jets.
+    assert np.mean((heavy > 400) & (heavy < 620)) >= 0.5, heavy
+    assert np.mean((light > 60) & (light < 180)) >= 0.6, light
+
+
+@needs_pythia
+def test_lhco_same_seed_same_file_other_seed_differs(lhco_sample, tmp_path):
+    cfg = gen.EventConfig(signal_fraction=0.5)
+    res = gen.generate_events(tmp_path / "again.h5", events=32, seed=5, config=cfg, chunk_size=16, progress=False)
+    assert res.events == 32 and res.jets >= 32  # Pythia events generated, trigger failures included
+    again = gen.read_lhco(tmp_path / "again.h5")
+    np.testing.assert_array_equal(again, h5py.File(lhco_sample, "r")["df/block0_values"][:])
+    gen.generate_events(tmp_path / "other", events=4, seed=6, config=cfg, chunk_size=16, progress=False)
+    other = gen.read_lhco(tmp_path / "other" / "shard-0000-0000.h5")
+    assert other.shape == (4, 2101) and other[:, -1].sum() == 2
+    assert not np.array_equal(other, again[:4])
+    res = gen.generate_events(tmp_path / "other", events=4, seed=6, config=cfg, chunk_size=16, progress=False)
+    assert res.skipped_chunks == 1 and res.events == 0  # resumed: the chunk is there

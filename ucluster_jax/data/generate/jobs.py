@@ -1,24 +1,24 @@
-"""The work: chunks seeded from (seed, rank, chunk, process), worker processes, MPI ranks, resuming."""
+"""The jet work: chunks seeded from (seed, rank, chunk, process), their content, `generate()`.
+runner.py runs the chunks (ranks, workers, resuming, progress)."""
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ucluster_jax.data.generate.physics import JetSimulator, check_pythia_settings
+from ucluster_jax.data.generate.runner import (
+    GenerateResult, make_dir, check_run_args, finish_merge, mpi_rank_size, out_paths, run_job,
+)
 from ucluster_jax.data.generate.spec import (
     GenConfig, JET_FEATURE_NAMES, MAX_CONSTITUENTS, PARTICLE_FEATURES, PROCESSES, PROCESS_ORDER, PYTHIA_SEED_MAX,
 )
-from ucluster_jax.data.generate.writers import h5_to_parquet, merge_h5, read_chunk_key, write_h5_atomic
+from ucluster_jax.data.generate.writers import h5_to_parquet, merge_h5, write_h5_atomic
 from ucluster_jax.errors import UserError
-from ucluster_jax.progress import Progress
 
 
 def pythia_seed(seed: int, rank: int, chunk: int, process: str) -> int:
@@ -28,7 +28,8 @@ def pythia_seed(seed: int, rank: int, chunk: int, process: str) -> int:
     return int((int(state[0]) << 32 | int(state[1])) % PYTHIA_SEED_MAX) + 1
 
 
-def _aux_rng(seed: int, rank: int, chunk: int, code: int) -> np.random.Generator:
+def aux_rng(seed: int, rank: int, chunk: int, code: int) -> np.random.Generator:
+    """NumPy generator for smearing (code = process index) or the row shuffle (code 99), per chunk."""
     return np.random.default_rng(np.random.SeedSequence([seed, rank, chunk, 100 + code]))
 
 
@@ -63,15 +64,19 @@ class Job:
     config: GenConfig
     chunk_size: int = 1000
 
-    def chunks(self, rank: int) -> list[Chunk]:
+    def chunk_sizes(self, rank: int) -> list[int]:
+        """This rank's share of the total, in chunks of chunk_size (the last one shorter)."""
         n = self.total // self.world + (rank < self.total % self.world)
         sizes = [self.chunk_size] * (n // self.chunk_size)
         if n % self.chunk_size:
             sizes.append(n % self.chunk_size)
+        return sizes
+
+    def chunks(self, rank: int) -> list[Chunk]:
         procs = self.config.processes
         P = len(procs)
         chunks = []
-        for c, size in enumerate(sizes):
+        for c, size in enumerate(self.chunk_sizes(rank)):
             extra = size % P
             quotas = {p: size // P + (((i - c - rank) % P) < extra) for i, p in enumerate(procs)}
             chunks.append(Chunk(rank, c, quotas))
@@ -79,6 +84,13 @@ class Job:
 
     def path(self, chunk: Chunk) -> Path:
         return self.out_dir / f"shard-{chunk.rank:04d}-{chunk.index:04d}.h5"
+
+    def write_chunk(self, chunk: Chunk, path: Path, attrs: dict,
+                    on_event: Callable[[int], None]) -> tuple[int, dict]:
+        """Simulate one chunk and write it atomically to `path`; (rows written, stats)."""
+        c, j, stats = generate_chunk(self, chunk, on_event)
+        write_h5_atomic(path, c, j, {**attrs, "ucluster_generate_stats": json.dumps(stats, sort_keys=True)})
+        return len(j), stats
 
 
 def generate_chunk(job: Job, chunk: Chunk,
@@ -94,7 +106,7 @@ def generate_chunk(job: Job, chunk: Chunk,
             continue
         code = PROCESS_ORDER.index(process)
         sim = JetSimulator(process, cfg, pythia_seed(job.seed, chunk.rank, chunk.index, process),
-                           _aux_rng(job.seed, chunk.rank, chunk.index, code))
+                           aux_rng(job.seed, chunk.rank, chunk.index, code))
         events = jets = 0
         while True:
             if job.mode == "events" and events >= quota:
@@ -129,128 +141,8 @@ def generate_chunk(job: Job, chunk: Chunk,
     else:
         c = np.zeros((0, MAX_CONSTITUENTS, len(PARTICLE_FEATURES)), np.float32)
         j = np.zeros((0, len(JET_FEATURE_NAMES)), np.float32)
-    perm = _aux_rng(job.seed, chunk.rank, chunk.index, 99).permutation(len(j))
+    perm = aux_rng(job.seed, chunk.rank, chunk.index, 99).permutation(len(j))
     return c[perm], j[perm], stats
-
-
-def mpi_rank_size() -> tuple[int, int]:
-    """(rank, size) under mpirun/mpiexec (Open MPI, MPICH/Hydra, PMIx), else (0, 1). No MPI init."""
-    for r, s in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
-                 ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE"), ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE")):
-        if os.environ.get(r) is not None and os.environ.get(s) is not None:
-            try:
-                return int(os.environ[r]), int(os.environ[s])
-            except ValueError:
-                pass
-    return 0, 1
-
-
-def _run_ranks(job: Job, ranks: list[int], overwrite: bool,
-               report: Callable[[str, object], None]) -> None:
-    """Generate all chunks of the given ranks in this process, reporting through `report`:
-    ("event", jets) per event, ("chunk", info dict) per finished or skipped chunk."""
-    for rank in ranks:
-        for chunk in job.chunks(rank):
-            path = job.path(chunk)
-            key = chunk.key(job)
-            if path.exists():
-                old = read_chunk_key(path)
-                if old == key:
-                    report("chunk", {"path": str(path), "skipped": True, "jets": None})
-                    continue
-                if not overwrite:
-                    raise UserError(f"{path} exists from a different run (other seed or settings); "
-                                    "use --overwrite or another --out")
-            c, j, stats = generate_chunk(job, chunk, on_event=lambda n: report("event", n))
-            attrs = {
-                "ucluster_generate_key": json.dumps(key, sort_keys=True),
-                "ucluster_generate_stats": json.dumps(stats, sort_keys=True),
-            }
-            write_h5_atomic(path, c, j, attrs)
-            report("chunk", {"path": str(path), "skipped": False, "jets": len(j), "stats": stats})
-
-
-def _prepare_out_dir(job: Job, ranks: list[int], overwrite: bool, check_all_ranks: bool) -> None:
-    """Remove temporary files a killed run of these ranks left behind; refuse (or, with --overwrite,
-    remove) shard files that are not part of this run, so the folder holds exactly this run."""
-    for rank in ranks:
-        for p in job.out_dir.glob(f".shard-{rank:04d}-*.h5.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-    wanted = {job.path(c) for r in ranks for c in job.chunks(r)}
-    mine = {p for r in ranks for p in job.out_dir.glob(f"shard-{r:04d}-*.h5")}
-    if check_all_ranks:  # also shards of ranks this run does not have (an earlier, wider run)
-        for p in job.out_dir.glob("shard-*-*.h5"):
-            with contextlib.suppress(ValueError, IndexError):
-                if int(p.name.split("-")[1]) >= job.world:
-                    mine.add(p)
-    foreign = sorted(mine - wanted)
-    if foreign and not overwrite:
-        raise UserError(f"{job.out_dir} holds {len(foreign)} shard file(s) that are not part of this run "
-                        f"(e.g. {foreign[0].name}); use --overwrite or another --out")
-    for p in foreign:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def _sigterm_to_interrupt(signum, frame):  # pragma: no cover - exercised via subprocess
-    raise KeyboardInterrupt
-
-
-def _worker_main(job: Job, ranks: list[int], overwrite: bool, queue) -> None:
-    """Body of a --workers subprocess: generate its ranks, send progress to the parent."""
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    signal.signal(signal.SIGINT, _sigterm_to_interrupt)
-    pending = [0, 0]  # events, jets not yet sent
-    last = [time.monotonic()]
-
-    def report(kind, payload):
-        if kind == "event":
-            pending[0] += 1
-            pending[1] += payload
-            now = time.monotonic()
-            if now - last[0] > 0.25:
-                queue.put(("progress", tuple(pending)))
-                pending[0] = pending[1] = 0
-                last[0] = now
-        else:
-            if pending[0]:
-                queue.put(("progress", tuple(pending)))
-                pending[0] = pending[1] = 0
-            queue.put(("chunk", payload))
-
-    try:
-        _run_ranks(job, ranks, overwrite, report)
-        message = ("done", None)
-    except KeyboardInterrupt:
-        message = ("interrupted", None)
-    except UserError as e:
-        message = ("error", str(e))
-    except BaseException as e:  # noqa: BLE001 - forwarded to the parent
-        message = ("error", f"{type(e).__name__}: {e}")
-    # nothing left to clean up: a late SIGTERM/SIGINT may end the process quietly
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    queue.put(message)
-    queue.close()
-    if message[0] == "interrupted":
-        queue.cancel_join_thread()  # the parent may have stopped reading: do not block on exit
-    else:
-        queue.join_thread()
-
-
-@dataclass
-class GenerateResult:
-    out: Path
-    files: list[Path] = field(default_factory=list)  # chunk files (or the merged file)
-    jets: int = 0  # jets written by this call (skipped chunks not counted)
-    events: int = 0
-    seconds: float = 0.0
-    skipped_chunks: int = 0
-
-    @property
-    def events_per_s(self) -> float:
-        return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
 def generate(out: str | Path, *, jets: int | None = None, events: int | None = None, seed: int = 0,
@@ -268,29 +160,14 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
     if (jets is None) == (events is None):
         raise UserError("give exactly one of --jets N or --events N")
     total = jets if jets is not None else events
-    if total is None or total < 1:
-        raise UserError(f"--jets/--events must be >= 1, got {total}")
-    if seed < 0:
-        raise UserError(f"--seed must be >= 0, got {seed}")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    if chunk_size < 1:
-        raise UserError(f"--chunk must be >= 1, got {chunk_size}")
+    check_run_args(total, seed, workers, chunk_size)
     if fmt not in ("h5", "parquet"):
         raise UserError(f"--format must be h5 or parquet, got {fmt!r}")
     check_pythia_settings(config)  # fail early: missing extra, or a setting Pythia does not know
 
     out = Path(out)
-    mpi_rank, mpi_size = mpi_rank_size()
-    merge_to: Path | None = None
-    if fmt == "h5" and out.suffix.lower() in (".h5", ".hdf5"):
-        if mpi_size > 1:
-            raise UserError("under mpirun --out must be a folder (each rank writes its own shards)")
-        merge_to = out
-        out_dir = out.with_name(out.name + ".parts")
-        if out.exists() and not overwrite:
-            raise UserError(f"{out} exists; use --overwrite or another --out")
-    elif fmt == "parquet":
+    mpi_size = mpi_rank_size()[1]
+    if fmt == "parquet":
         if mpi_size > 1:
             raise UserError("--format parquet writes one dataset from one process: use --workers, or "
                             "generate h5 under mpirun and convert with `ucluster prepare`")
@@ -299,74 +176,21 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
             raise UserError(f"the parquet dataset holds W/Z/top only; {','.join(extra)} jets need --format h5")
         if out.is_dir() and any(out.glob("*.parquet")) and not overwrite:
             raise UserError(f"{out} already holds parquet files; use --overwrite or another --out")
-        out_dir = out / ".h5chunks"  # chunk files (resumable) until the conversion at the end
+        merge_to, out_dir = None, out / ".h5chunks"  # chunk files (resumable) until the conversion
+        make_dir(out_dir)
     else:
-        out_dir = out
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        merge_to, out_dir = out_paths(out, overwrite)
 
-    world = mpi_size * workers
     job = Job(out_dir=out_dir, seed=seed, mode="jets" if jets is not None else "events",
-              total=total, world=world, config=config, chunk_size=chunk_size)
-    my_ranks = [mpi_rank * workers + w for w in range(workers)]
-    _prepare_out_dir(job, my_ranks, overwrite, check_all_ranks=mpi_rank == 0)
-
-    # progress: totals for this MPI rank's share
-    share = sum(sum(c.quotas.values()) for r in my_ranks for c in job.chunks(r))
-    prefix = "generate" if mpi_size == 1 else f"generate rank {mpi_rank}/{mpi_size}"
-    bar = Progress(share, job.mode, prefix + ":", enabled=progress and mpi_rank == 0, log_interval=30.0)
-    result = GenerateResult(out=out)
-    counts = {"events": 0, "jets": 0}
-
-    def show():
-        ev, jt = counts["events"], counts["jets"]
-        bar.update(jt if job.mode == "jets" else ev, f"{ev} events, {jt} jets, {bar.rate(ev):.1f} events/s")
-
-    def on_report(kind, payload):
-        if kind == "event":
-            counts["events"] += 1
-            counts["jets"] += payload
-            show()
-        elif kind == "progress":
-            counts["events"] += payload[0]
-            counts["jets"] += payload[1]
-            show()
-        elif kind == "chunk":
-            result.files.append(Path(payload["path"]))
-            if payload["skipped"]:
-                result.skipped_chunks += 1
-
-    import threading
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if main_thread else None
-    t0 = time.monotonic()
-    try:
-        if workers == 1:
-            _run_ranks(job, my_ranks, overwrite, on_report)
-        else:
-            _run_workers(job, my_ranks, overwrite, on_report)
-    except KeyboardInterrupt:
-        done = sorted(job.out_dir.glob("shard-*.h5"))
-        bar.close(f"{prefix}: interrupted after {counts['events']} events; {len(done)} complete chunk "
-                f"file(s) kept in {job.out_dir} (rerun the same command to finish)")
-        raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old_term)
-    result.seconds = time.monotonic() - t0
-    result.events = counts["events"]
-    result.jets = counts["jets"]
-    result.files.sort()
+              total=total, world=mpi_size * workers, config=config, chunk_size=chunk_size)
+    result, bar, prefix = run_job(
+        job, out, workers, overwrite, progress,
+        count=lambda ev, jt: jt if job.mode == "jets" else ev,
+        line=lambda ev, jt, rate: f"{ev} events, {jt} jets, {rate:.1f} events/s")
 
     if merge_to is not None:
         merge_h5(result.files, merge_to)
-        for p in result.files:
-            p.unlink()
-        with contextlib.suppress(OSError):
-            out_dir.rmdir()
-        result.files = [merge_to]
+        finish_merge(result, merge_to, out_dir)
     elif fmt == "parquet":
         result.files = h5_to_parquet(result.files, out, overwrite=overwrite)
         for p in job.out_dir.glob("shard-*.h5"):
@@ -379,62 +203,3 @@ def generate(out: str | Path, *, jets: int | None = None, events: int | None = N
     bar.close(f"{prefix}: {result.jets} jets from {result.events} events in {result.seconds:.1f} s "
             f"({result.events_per_s:.1f} events/s{skipped}) -> {out}")
     return result
-
-
-def _run_workers(job: Job, ranks: list[int], overwrite: bool, on_report) -> None:
-    import multiprocessing as mp
-    import queue as queue_mod
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(job, [r], overwrite, q), daemon=True) for r in ranks]
-    for p in procs:
-        p.start()
-    running = len(procs)
-    error: str | None = None
-    try:
-        while running:
-            try:
-                kind, payload = q.get(timeout=0.5)
-            except queue_mod.Empty:
-                if all(not p.is_alive() for p in procs):
-                    # drain anything left, then stop
-                    try:
-                        while True:
-                            kind, payload = q.get(timeout=0.2)
-                            if kind in ("done", "interrupted", "error"):
-                                running -= 1
-                                error = error or (payload if kind == "error" else None)
-                            else:
-                                on_report(kind, payload)
-                    except queue_mod.Empty:
-                        pass
-                    if running:
-                        error = error or "a worker process died without finishing"
-                    break
-                continue
-            if kind in ("done", "interrupted"):
-                running -= 1
-                if kind == "interrupted" and error is None:
-                    raise KeyboardInterrupt
-            elif kind == "error":
-                running -= 1
-                error = payload
-                break
-            else:
-                on_report(kind, payload)
-    finally:
-        if running or error:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()  # SIGTERM: the worker removes its temporary file and exits
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if error:
-        raise UserError(error)

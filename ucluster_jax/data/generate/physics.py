@@ -61,9 +61,47 @@ def check_pythia_settings(config: GenConfig) -> None:
     pythia8mc, _ = import_backends()
     pythia = pythia8mc.Pythia("", False)  # one instance: only the parsing is checked here
     for process in config.processes:
-        for s in config.pythia_strings(process, 1):
-            if not pythia.readString(s):
-                raise UserError(f"Pythia rejected the setting {s!r}")
+        _read_settings(pythia, config.pythia_strings(process, 1))
+
+
+def _read_settings(pythia, settings: list[str]) -> None:
+    for s in settings:
+        if not pythia.readString(s):
+            raise UserError(f"Pythia rejected the setting {s!r}")
+
+
+def start_pythia(settings: list[str], process: str):
+    """A Pythia instance with these settings, initialised (UserError if Pythia refuses)."""
+    pythia8mc, _ = import_backends()
+    pythia = pythia8mc.Pythia("", False)
+    _read_settings(pythia, settings)
+    if not pythia.init():
+        raise UserError(f"Pythia initialisation failed for process {process!r} (check --pythia settings)")
+    return pythia
+
+
+def select_particles(p4: np.ndarray, config, rng: np.random.Generator) -> np.ndarray:
+    """Optional energy smearing, then the pT threshold and |eta| acceptance of `config` (either
+    GenConfig or EventConfig) on visible particles' (px, py, pz, E) [M,4]."""
+    if config.smear > 0 and len(p4):
+        sigma = config.smear / np.sqrt(np.maximum(p4[:, 3], 1e-12))
+        p4 = p4 * np.maximum(1.0 + sigma * rng.standard_normal(len(p4)), 0.0)[:, None]
+    pt = np.hypot(p4[:, 0], p4[:, 1])
+    keep = pt > max(config.pt_threshold, 1e-9)
+    p4, pt = p4[keep], pt[keep]
+    return p4[np.abs(np.arcsinh(p4[:, 2] / pt)) < config.particle_eta_max]
+
+
+def cluster(fastjet, p4: np.ndarray, jetdef):
+    """Jets of particles p4 [M,4], hardest first, and their ClusterSequence (which must outlive
+    any use of the jets' constituents); each constituent's user_index is its row in p4."""
+    pjs = []
+    for k, (px, py, pz, e) in enumerate(p4.tolist()):
+        pj = fastjet.PseudoJet(px, py, pz, e)
+        pj.set_user_index(k)
+        pjs.append(pj)
+    cs = fastjet.ClusterSequence(pjs, jetdef)
+    return fastjet.sorted_by_pt(cs.inclusive_jets()), cs
 
 
 def constituent_features(p4: np.ndarray, max_constituents: int = MAX_CONSTITUENTS):
@@ -107,18 +145,13 @@ class JetSimulator:
     """One Pythia instance for one process; `next_event()` returns the event's selected jets."""
 
     def __init__(self, process: str, config: GenConfig, seed: int, rng: np.random.Generator):
-        pythia8mc, fastjet = import_backends()
+        _, fastjet = import_backends()
         self.fastjet = fastjet
         self.spec = PROCESSES[process]
         self.process = process
         self.config = config
         self.rng = rng
-        self.pythia = pythia8mc.Pythia("", False)
-        for s in config.pythia_strings(process, seed):
-            if not self.pythia.readString(s):
-                raise UserError(f"Pythia rejected the setting {s!r}")
-        if not self.pythia.init():
-            raise UserError(f"Pythia initialisation failed for process {process!r} (check --pythia settings)")
+        self.pythia = start_pythia(config.pythia_strings(process, seed), process)
         self.jetdef = fastjet.JetDefinition(fastjet.antikt_algorithm, config.jet_r)
         self.failed = 0
 
@@ -155,24 +188,11 @@ class JetSimulator:
             return None
         cfg = self.config
         p4, truth = self._read_event()
-        if cfg.smear > 0 and len(p4):
-            sigma = cfg.smear / np.sqrt(np.maximum(p4[:, 3], 1e-12))
-            p4 = p4 * np.maximum(1.0 + sigma * self.rng.standard_normal(len(p4)), 0.0)[:, None]
-        pt = np.hypot(p4[:, 0], p4[:, 1])
-        keep = pt > max(cfg.pt_threshold, 1e-9)
-        p4, pt = p4[keep], pt[keep]
-        keep = np.abs(np.arcsinh(p4[:, 2] / pt)) < cfg.particle_eta_max
-        p4 = p4[keep]
+        p4 = select_particles(p4, cfg, self.rng)
         if not truth or len(p4) == 0:
             return []
-        fj = self.fastjet
-        pjs = []
-        for k, (px, py, pz, e) in enumerate(p4.tolist()):
-            pj = fj.PseudoJet(px, py, pz, e)
-            pj.set_user_index(k)
-            pjs.append(pj)
-        cs = fj.ClusterSequence(pjs, self.jetdef)
-        jets = fj.sorted_by_pt(cs.inclusive_jets())[:2]
+        jets, cs = cluster(self.fastjet, p4, self.jetdef)  # cs keeps the constituents valid
+        jets = jets[:2]
         out = []
         used: set[int] = set()
         for jet in jets:

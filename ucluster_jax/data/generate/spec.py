@@ -63,7 +63,10 @@ PROCESSES: dict[str, ProcessSpec] = {
                      (1, 2, 3), False),
     "g": ProcessSpec("g", 4, "j_g", ("HardQCD:gg2gg = on", "HardQCD:qqbar2gg = on"), (21,), False),
 }
-PROCESS_ORDER: tuple[str, ...] = ("w", "z", "top", "q", "g")  # fixed: seeds use the index here
+# Event-level processes (LHC Olympics R&D layout, data/generate/events.py): truth label per event.
+EVENT_PROCESSES: dict[str, int] = {"qcd-dijet": 0, "resonance": 1}
+# fixed: seeds use the index here, so new processes only ever go at the end
+PROCESS_ORDER: tuple[str, ...] = ("w", "z", "top", "q", "g", "qcd-dijet", "resonance")
 LABELS: dict[str, int] = {k: v.label for k, v in PROCESSES.items()}
 
 
@@ -98,7 +101,8 @@ class GenConfig:
     def validate(self) -> None:
         bad = [p for p in self.processes if p not in PROCESSES]
         if bad or not self.processes:
-            raise UserError(f"unknown process(es) {bad or '(none)'}; choose from {','.join(PROCESS_ORDER)}")
+            raise UserError(f"unknown process(es) {bad or '(none)'}; choose from {','.join(PROCESSES)} "
+                            f"(event processes {','.join(EVENT_PROCESSES)}: events.generate_events)")
         if len(set(self.processes)) != len(self.processes):
             raise UserError(f"process listed twice: {','.join(self.processes)}")
         if not 0 <= self.pt_min < self.pt_max:
@@ -131,4 +135,72 @@ class GenConfig:
         d["processes"] = list(self.processes)
         d["pythia_settings"] = list(self.pythia_settings)
         d["pthat_window"] = list(self.pthat_window())
+        return d
+
+
+MAX_PARTICLES = 700  # LHCO R&D rows: 700 particles x (pT, eta, phi) + the label
+
+
+@dataclass(frozen=True)
+class EventConfig:
+    """Event-level settings: QCD dijets and a W' -> X Y -> 4 quarks resonance, LHCO R&D style."""
+
+    processes: tuple[str, ...] = ("qcd-dijet", "resonance")
+    signal_fraction: float = 0.1  # share of resonance events (exact count: round(f * N))
+    pthat_min: float = 1100.0  # QCD PhaseSpace:pTHatMin [GeV]
+    wprime_mass: float = 3500.0  # W' (PDG 34), generated within +-20 % of this mass
+    x_mass: float = 500.0  # X = H+ (37), the W' partner with the charge
+    y_mass: float = 100.0  # Y = A0 (36)
+    pt_threshold: float = 0.5  # particle pT threshold [GeV]
+    particle_eta_max: float = 2.5
+    max_particles: int = MAX_PARTICLES
+    trigger_pt: float = 1200.0  # at least one anti-kT R=1 jet above this pT [GeV] ...
+    trigger_eta: float = 2.5  # ... within this |eta|
+    jet_r: float = 1.0
+    smear: float = 0.0
+    ecm: float = 13000.0
+    pythia_settings: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        bad = [p for p in self.processes if p not in EVENT_PROCESSES]
+        if bad or not self.processes or len(set(self.processes)) != len(self.processes):
+            raise UserError(f"event processes must be one or both of {','.join(EVENT_PROCESSES)}, "
+                            f"got {','.join(self.processes) or '(none)'}")
+        if not 0.0 <= self.signal_fraction <= 1.0:
+            raise UserError(f"--signal-fraction must be in [0, 1], got {self.signal_fraction}")
+        needed = {"qcd-dijet": self.signal_fraction < 1.0, "resonance": self.signal_fraction > 0.0}
+        for p, need in needed.items():
+            if need != (p in self.processes):
+                raise UserError(f"--signal-fraction {self.signal_fraction:g} does not fit --processes "
+                                f"{','.join(self.processes)} (0 < f < 1 needs both, 0 only qcd-dijet, "
+                                "1 only resonance)")
+        if not (0 < self.y_mass and 0 < self.x_mass and self.x_mass + self.y_mass < 0.8 * self.wprime_mass):
+            raise UserError("need masses > 0 and X + Y below 0.8 x the W' mass (the generated W' window), "
+                            f"got W' {self.wprime_mass:g}, X {self.x_mass:g}, Y {self.y_mass:g}")
+        if self.pthat_min < 0 or self.pt_threshold < 0 or self.particle_eta_max <= 0 or self.smear < 0:
+            raise UserError("--pthat-min, --pt-threshold and --smear must be >= 0, --eta-acceptance > 0")
+        if self.max_particles < 1 or self.trigger_pt < 0 or self.trigger_eta <= 0 or self.jet_r <= 0:
+            raise UserError("need max_particles >= 1, trigger pT >= 0, trigger |eta| > 0 and jet R > 0")
+
+    def pythia_strings(self, process: str, pythia_seed: int) -> list[str]:
+        if process == "qcd-dijet":
+            physics = ["HardQCD:all = on", f"PhaseSpace:pTHatMin = {self.pthat_min:g}"]
+        else:  # W'+- -> H+- A0, H+ -> u dbar / c sbar, A0 -> light q qbar; narrow X and Y
+            w, x, y = self.wprime_mass, self.x_mass, self.y_mass
+            physics = [
+                "NewGaugeBoson:ffbar2Wprime = on", f"34:m0 = {w:g}", f"34:mMin = {0.8 * w:g}",
+                f"34:mMax = {1.2 * w:g}", "34:oneChannel = 1 1.0 100 37 36",
+                f"37:m0 = {x:g}", "37:mWidth = 0.01", f"37:mMin = {0.99 * x:g}", f"37:mMax = {1.01 * x:g}",
+                "37:oneChannel = 1 0.5 100 2 -1", "37:addChannel = 1 0.5 100 4 -3",
+                f"36:m0 = {y:g}", "36:mWidth = 0.01", f"36:mMin = {0.99 * y:g}", f"36:mMax = {1.01 * y:g}",
+                "36:oneChannel = 1 0.34 100 1 -1", "36:addChannel = 1 0.33 100 2 -2",
+                "36:addChannel = 1 0.33 100 3 -3",
+            ]
+        return [f"Beams:eCM = {self.ecm:g}", *physics, "Random:setSeed = on", f"Random:seed = {pythia_seed}",
+                "Print:quiet = on", *self.pythia_settings]
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["processes"] = list(self.processes)
+        d["pythia_settings"] = list(self.pythia_settings)
         return d

@@ -20,21 +20,29 @@ def _names(names) -> np.ndarray:
 def write_h5_atomic(path: Path, constituents: np.ndarray, jets: np.ndarray,
                     attrs: dict | None = None) -> None:
     """Write one hls4ml-layout file under a hidden temporary name, then rename it into place."""
+    with atomic_h5(path) as f:
+        kw = dict(compression="gzip", compression_opts=4, track_times=False)
+        f.create_dataset("jetConstituentList", data=constituents.astype(np.float32),
+                         chunks=(max(1, min(len(jets), 256)), MAX_CONSTITUENTS, len(PARTICLE_FEATURES))
+                         if len(jets) else None, **kw)
+        f.create_dataset("jets", data=jets.astype(np.float32), **kw)
+        f.create_dataset("jetFeatureNames", data=_names(JET_FEATURE_NAMES), track_times=False)
+        f.create_dataset("particleFeatureNames", data=_names(PARTICLE_FEATURE_NAMES), track_times=False)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path):
+    """An h5py.File open for writing under a hidden temporary name, renamed to `path` only when
+    the block completes: readers and resumed runs never see a half-written file."""
     import h5py
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w", track_order=False) as f:
-            kw = dict(compression="gzip", compression_opts=4, track_times=False)
-            f.create_dataset("jetConstituentList", data=constituents.astype(np.float32),
-                             chunks=(max(1, min(len(jets), 256)), MAX_CONSTITUENTS, len(PARTICLE_FEATURES))
-                             if len(jets) else None, **kw)
-            f.create_dataset("jets", data=jets.astype(np.float32), **kw)
-            f.create_dataset("jetFeatureNames", data=_names(JET_FEATURE_NAMES), track_times=False)
-            f.create_dataset("particleFeatureNames", data=_names(PARTICLE_FEATURE_NAMES), track_times=False)
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v
+            yield f
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -68,30 +76,24 @@ def merge_h5(files: list[Path], out: Path) -> None:
     for p in files:
         with h5py.File(p, "r") as f:
             n += f["jets"].shape[0]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as g:
-            kw = dict(compression="gzip", compression_opts=4, track_times=False)
-            dc = g.create_dataset("jetConstituentList", shape=(n, MAX_CONSTITUENTS, len(PARTICLE_FEATURES)),
-                                  dtype=np.float32, chunks=(min(n, 256), MAX_CONSTITUENTS, len(PARTICLE_FEATURES))
-                                  if n else None, **kw)
-            dj = g.create_dataset("jets", shape=(n, len(JET_FEATURE_NAMES)), dtype=np.float32, **kw)
-            g.create_dataset("jetFeatureNames", data=_names(JET_FEATURE_NAMES), track_times=False)
-            g.create_dataset("particleFeatureNames", data=_names(PARTICLE_FEATURE_NAMES), track_times=False)
-            i = 0
-            keys = []
-            for p in files:
-                with h5py.File(p, "r") as f:
-                    m = f["jets"].shape[0]
-                    dc[i:i + m] = f["jetConstituentList"][:]
-                    dj[i:i + m] = f["jets"][:]
-                    keys.append(json.loads(f.attrs.get("ucluster_generate_key", "null")))
-                    i += m
-            g.attrs["ucluster_generate_chunks"] = json.dumps(keys, sort_keys=True)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_h5(out) as g:
+        kw = dict(compression="gzip", compression_opts=4, track_times=False)
+        dc = g.create_dataset("jetConstituentList", shape=(n, MAX_CONSTITUENTS, len(PARTICLE_FEATURES)),
+                              dtype=np.float32, chunks=(min(n, 256), MAX_CONSTITUENTS, len(PARTICLE_FEATURES))
+                              if n else None, **kw)
+        dj = g.create_dataset("jets", shape=(n, len(JET_FEATURE_NAMES)), dtype=np.float32, **kw)
+        g.create_dataset("jetFeatureNames", data=_names(JET_FEATURE_NAMES), track_times=False)
+        g.create_dataset("particleFeatureNames", data=_names(PARTICLE_FEATURE_NAMES), track_times=False)
+        i = 0
+        keys = []
+        for p in files:
+            with h5py.File(p, "r") as f:
+                m = f["jets"].shape[0]
+                dc[i:i + m] = f["jetConstituentList"][:]
+                dj[i:i + m] = f["jets"][:]
+                keys.append(json.loads(f.attrs.get("ucluster_generate_key", "null")))
+                i += m
+        g.attrs["ucluster_generate_chunks"] = json.dumps(keys, sort_keys=True)
 
 
 def h5_to_parquet(files: list[Path], out: Path, overwrite: bool = False) -> list[Path]:
