@@ -12,6 +12,7 @@ import pytest
 from ucluster_jax.cli import main as cli_main
 from ucluster_jax.data.features import anomaly_mass_bin
 from ucluster_jax.data.reader import ParquetDataset
+from ucluster_jax.data.toy import write_hls4ml_h5
 
 WIDTH = 2101
 ORIGINAL_EDGES = np.append(np.linspace(10, 1000, 20), [100000])  # the original's MASSRANGE
@@ -208,3 +209,21 @@ def test_bad_files_one_line_exit_2_nothing_written(tmp_path, capsys):
         assert rc == 2, name
         assert len(err.strip().splitlines()) == 1 and str(tmp_path / name) in err and re.search(why, err), err
         assert no_files(out), name
+
+
+def test_several_files_total_and_no_mixing(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    files = [write(tmp_path / f"{k}.h5", sample(rng, 2, 3)) for k in "ab"]
+    rc, out, err = prepare_cli(capsys, *files, "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert "total (lhco): read 10, kept 10;" in out and "background 6, signal 4" in out
+    got = ParquetDataset(tmp_path / "out").read_all()
+    one = [prepare_cli(capsys, f, "--out", tmp_path / f"one_{f.stem}") for f in files]
+    assert all(r[0] == 0 for r in one)
+    np.testing.assert_array_equal(got["x"], np.concatenate([ParquetDataset(tmp_path / f"one_{f.stem}").read_all()["x"]
+                                                             for f in files]))
+    write_hls4ml_h5(tmp_path / "jets.h5", 6, 0)
+    rc, _, err = prepare_cli(capsys, files[0], tmp_path / "jets.h5", "--out", tmp_path / "mixed")
+    assert rc == 2 and "cannot be mixed" in err and no_files(tmp_path / "mixed")
+    rc, _, err = prepare_cli(capsys, tmp_path / "jets.h5", "--out", tmp_path / "mixed", "--signal-fraction", 0.1)
+    assert rc == 2 and "LHC Olympics inputs only" in err and no_files(tmp_path / "mixed")

@@ -27,6 +27,7 @@ KEY = "df/block0_values"
 MAX_PARTICLES = 700
 WIDTH = 3 * MAX_PARTICLES + 1  # (pT, eta, phi) per particle, then the label
 NUM_POINTS = 100  # particles per event: jet 1's, then jet 2's
+DEFAULT_CHUNK = 1024  # events per read: clustering a chunk of 4096 takes ~1 GB, no faster
 JET_R, JET_PTMIN, JET_MMIN, SUBJET_R = 1.0, 20.0, 10.0, 0.2
 CLASS_NAMES = ("background", "signal")
 # the 7 particle features; names from features.FEATURE_NAMES' vocabulary where the quantity is the same

@@ -268,7 +268,7 @@ def prepare(
     split: list[tuple[str, float]] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     mass_bins: bool = False,
     overwrite: bool = False,
     ranks: int | None = None,
@@ -291,7 +291,7 @@ def prepare(
     """
     if not inputs:
         raise UserError("no input files")
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise UserError(f"chunk size must be positive, got {chunk}")
     if ranks is not None and ranks < 1:
         raise UserError(f"--ranks must be positive, got {ranks}")
@@ -310,6 +310,7 @@ def prepare(
                        ("classes", lambda i: "classes " + "/".join(i.class_names))):
         if len({show(i) for i in found}) > 1:
             raise DataError(", ".join(f"{i.path}: {show(i)}" for i in found) + f": inputs must have the same {what}")
+    chunk = chunk or (lhco.DEFAULT_CHUNK if is_lhco[0] else DEFAULT_CHUNK)
     meta = (lhco.meta(num_points) if is_lhco[0]
             else DatasetMeta(num_points=found[0].num_points, class_names=found[0].class_names))
     out = Path(out)
@@ -379,7 +380,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=None,
                         help="size row groups for this many training processes: equal groups, a multiple of "
                         "RANKS of them, at least 4 per rank, at most --row-group-size jets (reads the inputs twice)")
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="jets read from a file at a time")
+    parser.add_argument("--chunk", type=int, default=None, help=f"jets (LHCO: events) read from a file at a time "
+                        f"(default {DEFAULT_CHUNK}, LHCO {lhco.DEFAULT_CHUNK}: its events take ~1 GB per 4096)")
     parser.add_argument("--root-mapping", type=Path, metavar="FILE",
                         help="ROOT inputs: YAML naming the tree, particle, jet and label branches (README); "
                         "default: the JetClass layout")
