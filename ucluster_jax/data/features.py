@@ -84,6 +84,21 @@ def mass_bin(mass: np.ndarray | float) -> np.ndarray:
     return np.clip(np.digitize(m, MASS_EDGES) - 1, 0, NUM_TARGETS - 1).astype(np.int32)
 
 
+# Anomaly task (LHC Olympics): the jet-mass bin of each particle's jet, as the original's MASSRANGE:
+# edges linspace(10, 1000, 20) plus an overflow edge, bin = first i with edges[i] >= m, 21 classes.
+ANOMALY_MASS_EDGES = np.append(np.linspace(10.0, 1000.0, 20), 1e5)
+ANOMALY_NUM_TARGETS = len(ANOMALY_MASS_EDGES)
+
+
+def anomaly_mass_bin(mass: np.ndarray | float) -> np.ndarray:
+    """Bin 0..20 of the anomaly task: the first i with ANOMALY_MASS_EDGES[i] >= m (m <= 10 -> 0).
+
+    Masses above the overflow edge, where the original found no bin and failed, also go to 20.
+    """
+    m = np.asarray(mass, dtype=np.float64)
+    return np.minimum(np.searchsorted(ANOMALY_MASS_EDGES, m, side="left"), ANOMALY_NUM_TARGETS - 1).astype(np.int32)
+
+
 def wrap_phi(dphi):
     """An angle difference in [-pi, pi)."""
     return (dphi + np.pi) % (2 * np.pi) - np.pi

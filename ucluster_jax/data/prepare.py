@@ -1,5 +1,5 @@
-"""`ucluster prepare`: hls4ml raw or UCluster-prepared HDF5, or ROOT trees (root.py) -> parquet dataset(s)
-(docs/DATA.md).
+"""`ucluster prepare`: hls4ml raw or UCluster-prepared HDF5, ROOT trees (root.py) or LHC Olympics R&D events
+(lhco.py) -> parquet dataset(s) (docs/DATA.md).
 
 Inputs are read in chunks, so files larger than memory work. The selection and features follow the
 original prepare step (SPEC section 1) except that the mass-bin target uses fixed bins for every file.
@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ucluster_jax.data import root
+from ucluster_jax.data import lhco, root
 from ucluster_jax.data.features import (
     NUM_TARGETS, clean_name, hls4ml_particle_features, mass_bin, missing_particle_columns,
 )
@@ -63,7 +63,7 @@ class FileReport:
 @dataclass
 class _Input:
     path: Path
-    format: str  # "hls4ml", "prepared" or "root"
+    format: str  # "hls4ml", "prepared", "root" or "lhco"
     n: int
     num_points: int
     particle_names: list[str] = field(default_factory=list)
@@ -72,6 +72,8 @@ class _Input:
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        if self.format == "lhco":
+            return lhco.CLASS_NAMES
         return self.mapping.select if self.mapping else CLASS_NAMES
 
 
@@ -82,7 +84,7 @@ def _names(ds: h5py.Dataset) -> list[str]:
 def inspect_input(path: str | Path, mapping: root.RootMapping = root.JETCLASS,
                   num_points: int = DEFAULT_POINTS) -> _Input:
     """Recognise the format (ROOT by its first bytes, HDF5 by its keys) and check it without reading the jets;
-    ROOT inputs are read with `mapping` and cut or padded to `num_points` particles."""
+    ROOT inputs are read with `mapping`; ROOT and LHCO inputs are cut or padded to `num_points` particles."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such input file")
@@ -122,9 +124,12 @@ def inspect_input(path: str | Path, mapping: root.RootMapping = root.JETCLASS,
             if lab.shape not in ((n, len(CLASS_NAMES)), (n,)):
                 raise DataError(f"{path}: label has shape {lab.shape}, expected [{n}, 3] one-hot or [{n}]")
             inp = _Input(path, "prepared", n, d.shape[1])
+        elif lhco.is_lhco(f):
+            inp = _Input(path, "lhco", lhco.inspect(f, path), num_points)
         else:
             raise DataError(f"{path}: unrecognised HDF5 layout (keys: {', '.join(sorted(keys)) or 'none'}); "
-                            f"expected hls4ml raw {list(HLS4ML_KEYS)} or UCluster-prepared {list(PREPARED_KEYS)}")
+                            f"expected hls4ml raw {list(HLS4ML_KEYS)}, UCluster-prepared {list(PREPARED_KEYS)} or LHC Olympics "
+                            f"{lhco.KEY}")
     if inp.n == 0:
         raise DataError(f"{path}: holds no jets")
     return inp
@@ -196,10 +201,11 @@ def _prepared_chunks(
 
 
 def _iter_inputs(
-    inputs: Sequence[_Input], chunk: int, mass_bins: bool
+    inputs: Sequence[_Input], chunk: int, mass_bins: bool, sampler: lhco.SignalSampler | None = None
 ) -> tuple[list[FileReport], Iterator[dict[str, np.ndarray]]]:
     """Kept jets of all inputs, in input order, as chunks; the reports fill in as the iterator runs."""
-    reports = [FileReport(str(i.path), i.format, i.num_points, i.class_names) for i in inputs]
+    reports = [lhco.LhcoReport(str(i.path), num_points=i.num_points) if i.format == "lhco"
+               else FileReport(str(i.path), i.format, i.num_points, i.class_names) for i in inputs]
 
     def tally(rep: FileReport, chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
         for a in chunks:
@@ -217,6 +223,7 @@ def _iter_inputs(
             try:
                 with h5py.File(inp.path, "r") as f:
                     yield from tally(rep, _hls4ml_chunks(f, inp, rep, chunk) if inp.format == "hls4ml"
+                                     else lhco.read_chunks(f, inp.path, rep, chunk, sampler) if inp.format == "lhco"
                                      else _prepared_chunks(f, inp, rep, chunk, mass_bins))
             except OSError as e:  # corrupt chunk, truncated file
                 raise DataError(f"{inp.path}: read failed ({e})") from None
@@ -261,18 +268,22 @@ def prepare(
     split: list[tuple[str, float]] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     mass_bins: bool = False,
     overwrite: bool = False,
     ranks: int | None = None,
     mapping: root.RootMapping = root.JETCLASS,
     num_points: int = DEFAULT_POINTS,
+    signal_fraction: float | None = None,
+    seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Convert inputs to one dataset in `out`, or with `split` to out/<name> parts (first rows first).
 
     ROOT inputs are read with `mapping` (the JetClass layout unless told) and cut or padded to
-    `num_points` particles per jet; HDF5 inputs keep theirs.
+    `num_points` particles per jet, LHCO events to `num_points` particles per event; HDF5 inputs keep theirs.
+    `signal_fraction` (LHCO only) keeps all background and a `seed`ed random subset of the signal so that
+    signal is that fraction of the kept events (lhco.SignalSampler).
 
     With a split or `ranks` the inputs are read twice (count, then write) so that memory stays bounded;
     `ranks` sizes each output's row groups for that many training processes (row_group_size_for).
@@ -280,18 +291,28 @@ def prepare(
     """
     if not inputs:
         raise UserError("no input files")
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise UserError(f"chunk size must be positive, got {chunk}")
     if ranks is not None and ranks < 1:
         raise UserError(f"--ranks must be positive, got {ranks}")
     if num_points < 1:
         raise UserError(f"--num-points must be positive, got {num_points}")
+    if signal_fraction is not None and not 0 <= signal_fraction < 1:
+        raise UserError(f"--signal-fraction must be in [0, 1), got {signal_fraction}")
     found = [inspect_input(p, mapping, num_points) for p in inputs]
+    is_lhco = [i.format == "lhco" for i in found]
+    if any(is_lhco) and not all(is_lhco):
+        raise DataError(", ".join(f"{i.path}: {i.format}" for i in found) + ": LHC Olympics events cannot be "
+                        "mixed with jet inputs")
+    if signal_fraction is not None and not all(is_lhco):
+        raise UserError("--signal-fraction applies to LHC Olympics inputs only")
     for what, show in (("number of points per jet", lambda i: f"{i.num_points} points"),
                        ("classes", lambda i: "classes " + "/".join(i.class_names))):
         if len({show(i) for i in found}) > 1:
             raise DataError(", ".join(f"{i.path}: {show(i)}" for i in found) + f": inputs must have the same {what}")
-    meta = DatasetMeta(num_points=found[0].num_points, class_names=found[0].class_names)
+    chunk = chunk or (lhco.DEFAULT_CHUNK if is_lhco[0] else DEFAULT_CHUNK)
+    meta = (lhco.meta(num_points) if is_lhco[0]
+            else DatasetMeta(num_points=found[0].num_points, class_names=found[0].class_names))
     out = Path(out)
     parts = split or [("", 1.0)]
     dirs = [out / name if name else out for name, _ in parts]
@@ -299,14 +320,19 @@ def prepare(
     try:
         writers = [ShardWriter(d, meta, shard_size=shard_size, row_group_size=row_group_size, overwrite=overwrite)
                    for d in dirs]  # checks the outputs before the (long) reading
-        bounds = [np.iinfo(np.int64).max]
-        if split or ranks:  # pass 1: count kept jets to place the boundaries and size the row groups
-            total = sum(len(a["label"]) for a in _iter_inputs(found, chunk, mass_bins)[1])
+        bounds, sampler = [np.iinfo(np.int64).max], None
+        if split or ranks or signal_fraction is not None:
+            # pass 1: count kept jets to place the boundaries, size the row groups and pick the signal subset
+            labels = np.concatenate([np.zeros(0, np.int32)] + [a["label"] for a in _iter_inputs(found, chunk,
+                                                                                                 mass_bins)[1]])
+            if signal_fraction is not None:
+                sampler = lhco.SignalSampler(labels, signal_fraction, seed)
+            total = len(labels) if sampler is None else sampler.num_kept
             bounds = [int(c * total) for c in np.cumsum([f for _, f in parts])[:-1]] + [total]
             if ranks:
                 for w, n in zip(writers, np.diff([0] + bounds)):
                     w.resize_row_groups(row_group_size_for(int(n), ranks, row_group_size))
-        reports, it = _iter_inputs(found, chunk, mass_bins)
+        reports, it = _iter_inputs(found, chunk, mass_bins, sampler)
         pos = 0
         for a in it:
             n, s = len(a["label"]), 0
@@ -329,7 +355,9 @@ def prepare(
         raise
     for r in reports:
         log(r.line())
-    if len(reports) > 1:
+    if len(reports) > 1 and is_lhco[0]:
+        log(lhco.LhcoReport.total(reports).line())
+    elif len(reports) > 1:
         tot = [sum(getattr(r, k) for r in reports) for k in ("read", "kept", "not_wzt", "mass_window", "nonfinite")]
         cls = [sum(r.per_class[k] for r in reports) for k in range(len(meta.class_names))]
         log(f"total: read {tot[0]}, kept {tot[1]}; dropped: not {'/'.join(meta.class_names)} {tot[2]}, mass "
@@ -341,8 +369,8 @@ def prepare(
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="hls4ml raw or UCluster-prepared HDF5 files, or ROOT files (JetClass layout unless "
-                        "--root-mapping)")
+                        help="hls4ml raw or UCluster-prepared HDF5 files, ROOT files (JetClass layout unless "
+                        "--root-mapping), or LHC Olympics R&D events (events_anomalydetection.h5 layout)")
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--split", default=None, help="e.g. train=0.8,test=0.2: first 80%% of the kept jets "
                         "to OUT/train, the rest to OUT/test, in input order (as the original); default: no split")
@@ -352,7 +380,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=None,
                         help="size row groups for this many training processes: equal groups, a multiple of "
                         "RANKS of them, at least 4 per rank, at most --row-group-size jets (reads the inputs twice)")
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="jets read from a file at a time")
+    parser.add_argument("--chunk", type=int, default=None, help=f"jets (LHCO: events) read from a file at a time "
+                        f"(default {DEFAULT_CHUNK}, LHCO {lhco.DEFAULT_CHUNK}: its events take ~1 GB per 4096)")
     parser.add_argument("--root-mapping", type=Path, metavar="FILE",
                         help="ROOT inputs: YAML naming the tree, particle, jet and label branches (README); "
                         "default: the JetClass layout")
@@ -360,7 +389,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="ROOT inputs: the classes kept, in label order, e.g. W,Z,top,QCD (default: W,Z,top "
                         "for JetClass, the mapping's select)")
     parser.add_argument("--num-points", type=int, default=DEFAULT_POINTS,
-                        help="ROOT inputs: particles per jet, the highest-pT ones, zero-padded")
+                        help="ROOT inputs: particles per jet, the highest-pT ones; LHCO inputs: particles per "
+                        "event, jet 1's then jet 2's; zero-padded")
+    parser.add_argument("--signal-fraction", type=float, default=None, metavar="F",
+                        help="LHCO inputs: keep all background and a random subset of the signal so that signal "
+                        "is the fraction F of the kept events (reads the inputs twice); default: keep all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --signal-fraction subset")
     parser.add_argument("--mass-bins", action="store_true",
                         help="prepared-format inputs: recompute the target from masses with fixed bins "
                         "instead of using their per-file renumbered pid")
@@ -373,5 +407,6 @@ def run(args: argparse.Namespace) -> int:
         mapping = mapping.with_classes(tuple(c.strip() for c in args.classes.split(",")))
     prepare(args.inputs, args.out, split=parse_split(args.split), shard_size=args.shard_size,
             row_group_size=args.row_group_size, chunk=args.chunk, mass_bins=args.mass_bins,
-            overwrite=args.overwrite, ranks=args.ranks, mapping=mapping, num_points=args.num_points)
+            overwrite=args.overwrite, ranks=args.ranks, mapping=mapping, num_points=args.num_points,
+            signal_fraction=args.signal_fraction, seed=args.seed)
     return 0
