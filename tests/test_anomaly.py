@@ -5,10 +5,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, mpirun
 from ucluster_jax.anomaly import best_mass_window, report, selection
 from ucluster_jax.config import load_config
-from ucluster_jax.data.schema import DatasetMeta, write_shards
 from ucluster_jax.train.state import learning_rate, phase
 
 ANOMALY_TINY = ["model.num_points=30", "model.k=5", "train.batch_size=64", "train.epochs=3",
@@ -53,50 +52,40 @@ def test_selection_figures_and_the_mass_window_reference():
     assert sum(c["eff_signal"] for c in rep["clusters"]) == pytest.approx(1.0)
 
 
-def write_events(path, n, seed, num_points=30):
-    """Events in the prepared anomaly layout; signal particles are collimated and their jets heavy."""
-    rng = np.random.default_rng(seed)
-    m, signal = masses(rng, n // 10, n - n // 10)
-    order = rng.permutation(n)
-    m, signal = m[order], signal[order]
-    x = rng.normal(size=(n, num_points, 7)).astype(np.float32)
-    x[signal, :, :2] *= 0.2
-    x[:, -5:] = 0  # padding
-    target = np.clip(np.searchsorted(np.linspace(10, 1000, 20), m[:, 0]), 0, 20)[:, None].repeat(num_points, 1)
-    target[:, -5:] = 0
-    glob = np.stack([np.log(m[:, 0]), rng.uniform(0.2, 0.9, n), np.log(m[:, 1]), rng.uniform(0.2, 0.9, n)], 1)
-    meta = DatasetMeta(num_points=num_points, num_features=7, feature_names=tuple("abcdefg"), num_targets=21,
-                       class_names=("background", "signal"), num_global=4, target_per_point=True)
-    write_shards(path, {"x": x, "target": target, "label": signal.astype(np.int32),
-                        "mass": rng.uniform(2000, 5000, n), "global": glob}, meta, row_group_size=128)
-
-
 def ucluster(*args, **kw):
     return subprocess.run([str(BIN / "ucluster"), *args], cwd=REPO, capture_output=True, text=True, timeout=600,
                           **kw)
 
 
-def test_anomaly_model_trains_and_reports_the_enrichment(tmp_path):
-    write_events(tmp_path / "train", 640, 1)
-    write_events(tmp_path / "test", 320, 2)
-    sets = [a for kv in ANOMALY_TINY for a in ("--set", kv)]
-    r = ucluster("train", "--config", "configs/anomaly.yaml", *sets, "--data", str(tmp_path / "train"),
-                 "--test-data", str(tmp_path / "test"), "--out", str(tmp_path / "run"))
+def test_generated_events_prepare_train_under_mpirun_and_evaluate(tmp_path):
+    """The whole chain on simulated events: LHCO-layout file -> prepare (anti-kT R=1, per-particle targets)
+    -> the anomaly model trained on 2 mpirun ranks -> the enrichment report."""
+    events = tmp_path / "events.h5"
+    r = ucluster("generate", "--processes", "qcd-dijet,resonance", "--events", "200", "--signal-fraction", "0.2",
+                 "--seed", "7", "--out", str(events), "--workers", "2", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
+    r = ucluster("prepare", str(events), "--out", str(tmp_path / "data"), "--split", "train=0.68,test=0.32",
+                 "--num-points", "30")
+    assert r.returncode == 0, r.stderr[-2000:]
+    sets = [a for kv in ANOMALY_TINY for a in ("--set", kv)]
+    r = mpirun(2, str(BIN / "ucluster"), "train", "--config", "configs/anomaly.yaml", *sets,
+               "--data", str(tmp_path / "data" / "train"), "--test-data", str(tmp_path / "data" / "test"),
+               "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["alpha"] for r in recs] == [0.0, 0.0, 20.0]  # 10 (epoch - pretrain + 2) in the joint phase
     assert recs[-1]["kmeans"] > 0 and recs[-1]["focal"] < recs[0]["focal"]
-    r = ucluster("evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "test"))
+    r = ucluster("evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "data" / "test"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(signal-rich)" in r.stdout and "jet-mass window" in r.stdout
     s = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
-    a = s["anomaly"]
-    assert a["signal_fraction"] == pytest.approx(32 / 320)
-    assert sum(c["events"] for c in a["clusters"]) == 320
+    a, n = s["anomaly"], s["n_jets"]
+    assert n == 64 and sum(c["events"] for c in a["clusters"]) == n
+    assert 0.05 < a["signal_fraction"] < 0.4  # 20 % generated; the generator shuffles the rows
     assert sum(c["eff_signal"] for c in a["clusters"]) == pytest.approx(1.0)
     assert a["significance_improvement"] == a["clusters"][a["signal_cluster"]]["significance_improvement"]
     assert (tmp_path / "run" / "eval" / "mjj.png").stat().st_size > 10_000
     # the multiclass model refuses the anomaly layout in one line
-    r = ucluster("train", "--config", "configs/demo.yaml", *sets, "--data", str(tmp_path / "train"),
+    r = ucluster("train", "--config", "configs/demo.yaml", *sets, "--data", str(tmp_path / "data" / "train"),
                  "--out", str(tmp_path / "run2"))
     assert r.returncode == 2 and "per-particle targets" in r.stderr and len(r.stderr.strip().splitlines()) == 1
