@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import awkward as ak
-import fastjet
 import h5py
 import numpy as np
 
+from ucluster_jax.data.fastjet_quiet import fastjet
 from ucluster_jax.data.features import ANOMALY_NUM_TARGETS, anomaly_mass_bin, wrap_phi
 from ucluster_jax.data.schema import DatasetMeta
 from ucluster_jax.errors import DataError
@@ -33,8 +33,6 @@ CLASS_NAMES = ("background", "signal")
 # the 7 particle features; names from features.FEATURE_NAMES' vocabulary where the quantity is the same
 FEATURE_NAMES = ("etarel", "phirel", "log_ptrel", "log_erel", "log_pt", "log_e", "deltaR")
 GLOBAL_NAMES = ("log_m1", "tau21_1", "log_m2", "tau21_2")
-_ANTIKT = fastjet.JetDefinition(fastjet.antikt_algorithm, JET_R)
-_KT = fastjet.JetDefinition(fastjet.kt_algorithm, SUBJET_R)
 
 
 def meta(num_points: int = NUM_POINTS) -> DatasetMeta:
@@ -142,7 +140,8 @@ def _tau21(pt, eta, phi) -> np.ndarray:
     if not len(multi):
         return out
     pt, eta, phi = pt[multi], eta[multi], phi[multi]
-    seq = fastjet.ClusterSequence(_p4(pt, eta, phi), _KT)
+    fj = fastjet()
+    seq = fj.ClusterSequence(_p4(pt, eta, phi), fj.JetDefinition(fj.kt_algorithm, SUBJET_R))
     tau = []
     for n in (1, 2):
         with warnings.catch_warnings():  # fastjet warns about exclusive jets even for kt
@@ -175,7 +174,8 @@ def events(rows: np.ndarray, num_points: int = NUM_POINTS) -> tuple[dict[str, np
     per-particle target (its jet's mass bin, 0 on padding), the globals and the dijet mass.
     """
     pt, eta, phi = _jagged(rows)
-    seq = fastjet.ClusterSequence(_p4(pt, eta, phi), _ANTIKT)
+    fj = fastjet()
+    seq = fj.ClusterSequence(_p4(pt, eta, phi), fj.JetDefinition(fj.antikt_algorithm, JET_R))
     jets, const = seq.inclusive_jets(JET_PTMIN), seq.constituent_index(JET_PTMIN)
     jm = _kinematics(*(jets[c] for c in ("px", "py", "pz", "E")))["m"]
     by_mass = ak.argsort(jm, axis=1, ascending=False, stable=True)

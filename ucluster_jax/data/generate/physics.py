@@ -1,10 +1,7 @@
 """Pythia 8 + FastJet (imported on first use): events to jets, jets to hls4ml rows."""
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
 
 import numpy as np
 
@@ -12,48 +9,18 @@ from ucluster_jax.data.features import constituents_to_hls4ml, wrap_phi
 from ucluster_jax.data.generate.spec import (
     GenConfig, INSTALL_HINT, JET_FEATURE_NAMES, MAX_CONSTITUENTS, PROCESSES, _JET_COL,
 )
+from ucluster_jax.data.fastjet_quiet import fastjet
 from ucluster_jax.errors import UserError
 
 
 def import_backends():
-    """Import pythia8mc and fastjet, or raise UserError naming the optional extra."""
+    """Import pythia8mc and fastjet (its banner silenced), or raise UserError naming the optional extra."""
     try:
-        import fastjet  # noqa: F401
         import pythia8mc  # noqa: F401
     except ImportError as e:
         raise UserError(
-            f"`ucluster generate` needs pythia8mc and fastjet ({e.name or e} is missing): "
-            f"{INSTALL_HINT}") from None
-    _silence_fastjet_banner(fastjet)
-    return pythia8mc, fastjet
-
-
-_BANNER_SILENCED = False
-
-
-def _silence_fastjet_banner(fastjet) -> None:
-    """FastJet prints a banner on stdout at its first clustering: do that first one into /dev/null."""
-    global _BANNER_SILENCED
-    if _BANNER_SILENCED:
-        return
-    _BANNER_SILENCED = True
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:  # pragma: no cover - non-glibc platform: live with the banner
-        libc = None
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-        cs = fastjet.ClusterSequence([fastjet.PseudoJet(1.0, 0.0, 0.0, 1.0)],
-                                     fastjet.JetDefinition(fastjet.antikt_algorithm, 0.8))
-        cs.inclusive_jets()
-        if libc is not None:
-            libc.fflush(None)
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+            f"`ucluster generate` needs pythia8mc ({e.name or e} is missing): {INSTALL_HINT}") from None
+    return pythia8mc, fastjet()
 
 
 def check_pythia_settings(config: GenConfig) -> None:
