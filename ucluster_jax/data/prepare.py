@@ -363,7 +363,7 @@ def prepare(
         log(f"total: read {tot[0]}, kept {tot[1]}; dropped: not {'/'.join(meta.class_names)} {tot[2]}, mass "
             f"window {tot[3]}, non-finite {tot[4]}; " + ", ".join(f"{n} {c}" for n, c in zip(meta.class_names, cls)))
     for d, o in outputs.items():
-        log(f"wrote {d}: {o['jets']} jets in {len(o['shards'])} shard(s)")
+        log(f"wrote {d}: {o['jets']} {'events' if is_lhco[0] else 'jets'} in {len(o['shards'])} shard(s)")
     return {"files": reports, "outputs": outputs}
 
 
