@@ -30,5 +30,6 @@ done
   resume=(); [ -d "$OUT/run/checkpoints" ] && resume=(--resume)
   stage ucluster train --config configs/anomaly_cpu.yaml --data "$OUT/train" --test-data "$OUT/test" \
     --out "$OUT/run" "${resume[@]}" "$@"
+  stage ucluster evaluate --run "$OUT/run" --data "$OUT/train" --out "$OUT/run/eval_train"
   stage ucluster evaluate --run "$OUT/run" --data "$OUT/test"
 }

@@ -50,6 +50,8 @@ def test_selection_figures_and_the_mass_window_reference():
     rep = report((m[:, 0] > 400).astype(int), signal.astype(int), glob, 2)
     assert rep["signal_cluster"] == 1 and rep["significance_improvement"] == s["significance_improvement"]
     assert sum(c["eff_signal"] for c in rep["clusters"]) == pytest.approx(1.0)
+    km = rep["kmeans_event_features"]  # label-free reference: the heavy-jet events form their own cluster
+    assert km["eff_signal"] > 0.9 and km["purity"] > 2 * signal.mean()
 
 
 def ucluster(*args, **kw):

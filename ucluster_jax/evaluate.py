@@ -65,7 +65,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         "data": str(data), "run": str(run_dir),
     }
     if ds.meta.target_per_point:  # the anomaly task: resonance events in QCD dijets
-        summary["anomaly"] = anomaly.report(cluster, label, parts["global"], k)
+        summary["anomaly"] = anomaly.report(cluster, label, parts["global"], k, seed=cfg.train.seed)
     out = Path(out) if out else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     table = {"cluster": cluster.astype(np.int32), "label": label.astype(np.int32),
@@ -130,6 +130,7 @@ def print_anomaly(a: dict) -> None:
     rows = [(f"cluster {c}" + (" (signal-rich)" if c == a["signal_cluster"] else ""), r)
             for c, r in enumerate(a["clusters"])]
     w = a["mass_window"]["window_gev"]
+    rows.append(("k-means on the event features, its signal-rich cluster (no labels)", a["kmeans_event_features"]))
     rows.append((f"jet-mass window {w['heavier_jet'][0]:.0f}-{w['heavier_jet'][1]:.0f} x "
                  f"{w['lighter_jet'][0]:.0f}-{w['lighter_jet'][1]:.0f} GeV (uses labels)", a["mass_window"]))
     for name, r in rows:
