@@ -36,11 +36,13 @@ def load_run(run_dir: Path) -> tuple[Config, Any, dict]:
 
 
 def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True) -> dict[str, Any]:
+    from ucluster_jax.train.loop import check_data
     from ucluster_jax.train.scoring import embed
 
     cfg, state, meta = load_run(run_dir)
     rt = setup("auto")
     ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
+    check_data(cfg, ds, Path(data))
     o = embed(rt, cfg, state, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
     parts = {k: rt.gather_rows(v) for k, v in o.items()}
     if not rt.is_root:
