@@ -1,7 +1,7 @@
 """`ucluster generate`: Pythia 8 + FastJet jets in the hls4ml layout (SPEC section 1), and events
 in the LHC Olympics R&D layout (qcd-dijet, resonance).
 
-Tests that simulate need the optional extra (pythia8mc, fastjet) and are skipped without it;
+Tests that simulate need the optional extra (pythia8mc) and are skipped without it;
 `make test` installs the extra so they run. Samples are tiny (tens of jets) to stay fast.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from ucluster_jax.errors import UserError
 
 def _have_backends() -> bool:
     try:
-        import fastjet  # noqa: F401
         import pythia8mc  # noqa: F401
     except ImportError:
         return False
@@ -32,7 +31,7 @@ def _have_backends() -> bool:
 
 
 needs_pythia = pytest.mark.skipif(not _have_backends(),
-                                  reason="needs the [generate] extra (pythia8mc, fastjet)")
+                                  reason="needs the [generate] extra (pythia8mc)")
 
 REPO = Path(__file__).resolve().parents[1]
 COL = {n: i for i, n in enumerate(gen.JET_FEATURE_NAMES)}
