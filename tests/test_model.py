@@ -215,6 +215,33 @@ def test_bfloat16_model_keeps_float32_state_and_a_nearby_loss():
     assert all(a.dtype == jnp.float32 for a in leaves) and all(bool(jnp.all(jnp.isfinite(a))) for a in leaves)
 
 
+def test_latent_norm_standardises_the_embedding_so_shrinking_it_does_not_pay():
+    """model.latent_norm: no new parameters; in training z has zero mean and unit variance over the batch;
+    scaling the last layer's output by c (how a network shrinks its latent) scales the k-means loss (centroids
+    at 0) by c^2 without it and leaves it unchanged with it (up to the 1e-6 epsilon)."""
+    from ucluster_jax.losses import kmeans_loss
+
+    x = jets(b=16, n=30, real=20, seed=3)
+    kmeans = {}
+    for norm in (False, True):
+        cfg = load_config(None, ["model.num_points=30", "model.k=5", f"model.latent_norm={norm}"]).model
+        v = init_variables(cfg, 1)
+        assert count_params(v["params"]) == 186_210 and ("latent_bn" in v["batch_stats"]) == norm
+        for c in (1.0, 0.5):
+            p = dict(v["params"])
+            agg = p["agg"]["bn"]
+            p["agg"] = {**p["agg"], "bn": {"scale": agg["scale"] * c, "bias": agg["bias"] * c}}
+            out, _ = UCluster(cfg).apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, decay=0.5,
+                                         mutable=["batch_stats"])
+            kmeans[norm, c] = float(kmeans_loss(out["dist"], 5.0))
+            if norm:
+                z = np.asarray(out["z"])
+                np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+                np.testing.assert_allclose(z.var(0), 1.0, rtol=1e-3)
+    assert kmeans[True, 0.5] == pytest.approx(kmeans[True, 1.0], rel=1e-3)
+    assert kmeans[False, 0.5] == pytest.approx(0.25 * kmeans[False, 1.0], rel=1e-3)
+
+
 def test_model_training_gradients_equal_autodiff_over_replicas(monkeypatch):
     """The speed path of the model (edges a few jets at a time and every hand-written backward pass)
     against `jax.grad` of a plain forward (x @ w, Dense-BatchNorm-ReLU as written, the unchunked GAP

@@ -46,6 +46,9 @@ class ModelConfig:
     # "bfloat16": the Dense/1x1-conv matmuls take bfloat16 operands and sum in float32 (tensor cores);
     # parameters, BatchNorm, the edge passes, losses and k-means stay float32
     compute_dtype: str = "float32"
+    # deviation: standardise the embedding over the batch (BatchNorm without scale or bias) before the
+    # centroid distances, so the k-means loss cannot fall by shrinking the whole latent (docs/RESULTS.md)
+    latent_norm: bool = False
 
 
 @dataclass(frozen=True)

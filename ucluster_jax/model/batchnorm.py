@@ -31,10 +31,14 @@ def bn_decay(samples_seen: Array, init: float = 0.5, rate: float = 0.5, every: i
 class BatchNorm(nn.Module):
     epsilon: float = 1e-3
     replica_sum: ReplicaSum | None = None
+    affine: bool = True  # False: standardise only, no learned scale and bias (model.latent_norm)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, decay: Array | float, mask: Array | None = None) -> Array:
-        scale, bias, ra_mean, ra_var = bn_variables(self, x.shape[-1])
+        if self.affine:
+            scale, bias, ra_mean, ra_var = bn_variables(self, x.shape[-1])
+        else:
+            (ra_mean, ra_var), scale, bias = moving_moments(self, x.shape[-1]), 1.0, 0.0
         if not train:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -56,7 +60,11 @@ def bn_variables(module: nn.Module, c: int) -> tuple[Array, Array, nn.Variable, 
     (starting at 0, as TF's ExponentialMovingAverage). The layers that apply BatchNorm themselves
     (`dense_bn_relu`, the chunked edge passes) share these names, so checkpoints fit either path."""
     return (module.param("scale", nn.initializers.ones, (c,)), module.param("bias", nn.initializers.zeros, (c,)),
-            module.variable("batch_stats", "mean", jnp.zeros, (c,)),
+            *moving_moments(module, c))
+
+
+def moving_moments(module: nn.Module, c: int) -> tuple[nn.Variable, nn.Variable]:
+    return (module.variable("batch_stats", "mean", jnp.zeros, (c,)),
             module.variable("batch_stats", "var", jnp.zeros, (c,)))
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ucluster_jax.config import ModelConfig
-from ucluster_jax.model.batchnorm import ReplicaSum
+from ucluster_jax.model.batchnorm import BatchNorm, ReplicaSum
 from ucluster_jax.model.gap import ConvBN, GAPLayer, glorot
 from ucluster_jax.model.knn import eta_phi_distance, knn_indices, pairwise_sq_dist
 
@@ -55,6 +55,9 @@ class UCluster(nn.Module):
             parts.insert(4, ConvBN(cfg.global_width, name="global_expand", **kw)(tiled, **call))
         agg = ConvBN(cfg.latent_dim, name="agg", **kw)(jnp.concatenate(parts, -1), **call)
         z = pool(agg, cfg.pooling, mask)
+        if cfg.latent_norm:
+            # epsilon far under the latent's variance (~1e-2): with 1e-3 shrinking would still pay
+            z = BatchNorm(1e-6, self.replica_sum, affine=False, name="latent_bn")(z, train=train, decay=decay)
 
         if cfg.variant == "anomaly":  # per-particle head on [tile(z), gapnet01, gapnet11]
             h = jnp.concatenate([jnp.broadcast_to(z[:, None, :], agg.shape), net01, net11], -1)
