@@ -11,6 +11,9 @@
         the test accuracy of the checkpoint of epoch E with its moving-average BatchNorm statistics (what
         `evaluate` uses), with statistics recomputed over N training batches (precise BN), and the
         distances between its centroids.
+    python scripts/baselines.py centroids --run RUN [--json OUT]
+        the distances between the centroids at the end of every epoch with a checkpoint (read from the
+        checkpoints only): how far apart the clusters the k-means loss keeps are, epoch by epoch.
     python scripts/baselines.py boundary --run RUN --epoch E --train TRAIN --test TEST [--plot PNG] [--json OUT]
         where in jet mass the checkpoint of epoch E moves test jets from one cluster to the next: the class
         its clusters give per 1 GeV of mass, the masses where the majority changes, and the accuracy of a
@@ -209,6 +212,24 @@ def cmd_bn(a: argparse.Namespace) -> dict:
             "centroids": mu.round(4).tolist()}
 
 
+def cmd_centroids(a: argparse.Namespace) -> dict:
+    from ucluster_jax import checkpoint
+    from ucluster_jax.evaluate import load_run
+    from ucluster_jax.train.state import create_state
+
+    cfg = load_run(a.run)[0]
+    rows = []
+    for p in checkpoint.list_checkpoints(a.run):
+        blob, m = checkpoint.read_verified(p)
+        if m.get("next", [0, 0])[1] != 0:  # mid-epoch
+            continue
+        mu = np.asarray(checkpoint.restore(blob, create_state(cfg), p).params["mu"], np.float64)
+        d = np.sqrt(((mu[:, None] - mu[None]) ** 2).sum(-1))
+        rows.append({"epoch": int(m["epoch"]), "distances": {f"{i}-{j}": round(float(d[i, j]), 6)
+                                                             for i in range(len(mu)) for j in range(i + 1, len(mu))}})
+    return {"run": str(a.run), "epochs": rows}
+
+
 def cmd_boundary(a: argparse.Namespace) -> dict:
     from ucluster_jax.parallel.runtime import setup
     from ucluster_jax.train.scoring import embed
@@ -339,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s.add_argument("--batches", type=int, default=100, help="training batches for the precise statistics")
+    s = sub.add_parser("centroids")
+    s.add_argument("--run", type=Path, required=True)
     s = sub.add_parser("boundary")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--epoch", type=int, required=True)
@@ -358,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sub.choices.values():
         s.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "boundary": cmd_boundary, "widths": cmd_widths, "supervised-data": cmd_supervised_data,
+    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "centroids": cmd_centroids, "boundary": cmd_boundary, "widths": cmd_widths, "supervised-data": cmd_supervised_data,
            "supervised": cmd_supervised}[a.cmd](a)
     text = json.dumps(res, indent=1)
     if a.json:

@@ -19,7 +19,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from conftest import BIN, REPO, mpirun, tb_scalars
-from test_reliability_mpi import rank_pids
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
 from ucluster_jax.data.prepare import prepare, row_group_size_for
@@ -224,8 +223,35 @@ def test_cli_two_devices_and_two_ranks_x_two_devices_train_like_one_process(unev
     assert_same_training(tmp_path / "hybrid", one_process)
 
 
-# -- mid-epoch resume ---------------------------------------------------------------------------------
-def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+# -- a rank killed mid-epoch, and the resume --------------------------------------------------------
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the Python processes below `launcher`, from /proc (their OMPI_COMM_WORLD_RANK)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+            if b"OMPI_COMM_WORLD_RANK" not in env or b"ucluster" not in (d / "cmdline").read_bytes():
+                continue
+            a = int(d.name)
+            while a > 1 and a != launcher:
+                a = _parent(a)
+        except (OSError, ValueError, IndexError):
+            continue
+        if a == launcher:
+            found[int(env[b"OMPI_COMM_WORLD_RANK"])] = int(d.name)
+    return found
+
+
+def test_sigkill_one_rank_mid_epoch_ends_the_job_and_resumes_to_the_uninterrupted_result(tmp_path):
+    """Issue 4.1 and 18: rank 1 of `mpirun -np 2 ucluster train` killed with SIGKILL inside epoch 1 (after
+    k-means) ends the whole job promptly with a message naming the rank; `--resume` continues at the step
+    after the newest mid-epoch checkpoint and reaches exactly the state of a run never interrupted."""
     data, test = tmp_path / "data", tmp_path / "test"
     write_toy(data, 1500, 3, num_points=10, row_group_size=1500)  # two row groups, 1500 and 548 jets:
     write_toy(data / "b", 548, 5, num_points=10)  # a rank decodes up to 2x its share; the warning shows
@@ -235,33 +261,60 @@ def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     args = ["--checkpoint-every-steps", "5", "--set", "train.epochs=2", "--set", "train.keep_checkpoints=100"]
     cmd = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2",
            *ucluster_args(data, test, killed, *args)]
-    p = subprocess.Popen(cmd, env=env_with(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out_log, err_log = tmp_path / "killed.out", tmp_path / "killed.err"
+    p = subprocess.Popen(cmd, env=env_with(), stdout=open(out_log, "w"), stderr=open(err_log, "w"))
     log = open(tmp_path / "reference.log", "w")
     reference = subprocess.Popen([*cmd[:5], *ucluster_args(data, test, ref, *args)], env=env_with(), stdout=log,
                                  stderr=subprocess.STDOUT)
-    first = killed / "checkpoints" / f"ckpt-{10:010d}.json"  # epoch 0 (64 steps), step 10
+    first = killed / "checkpoints" / f"ckpt-{64 + 10:010d}.json"  # 64 steps per epoch: epoch 1, step 10
     deadline = time.monotonic() + 1200
     pids: dict[int, int] = {}
     while len(pids) < 2 or not first.exists():
-        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert p.poll() is None, err_log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no mid-epoch checkpoint"
         pids = pids if len(pids) == 2 else rank_pids(p.pid)
         time.sleep(0.01)
-    for pid in pids.values():  # both ranks, at once
-        os.kill(pid, signal.SIGKILL)
-    _, err = p.communicate(timeout=60)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGKILL)
+    t_kill = time.monotonic()
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("mpirun hung after a rank was killed")
+    waited = time.monotonic() - t_kill
+    out, err = out_log.read_text(), err_log.read_text()
     assert p.returncode != 0
+    assert waited < 30, f"mpirun took {waited:.0f} s to notice"
+    # Open MPI (prterun) names the rank and its pid: "process rank 1 with PID N on node X exited on signal 9"
+    both = " ".join((out + err).split())
+    assert f"rank 1 with PID {pids[1]}" in both and "signal 9" in both, (out + err)[-3000:]
     assert err.count("warning:") == 1 and f"{data}: row groups of up to 1500 jets" in err
+    deadline = time.monotonic() + 10  # every rank gone (or a zombie awaiting its reaper)
+    while not all(not Path(f"/proc/{q}").exists() or "Z" in Path(f"/proc/{q}/stat").read_text().split()[2]
+                  for q in pids.values()):
+        assert time.monotonic() < deadline, f"ranks {pids} still running after mpirun exited"
+        time.sleep(0.05)
     last = checkpoint.list_checkpoints(killed)[-1]
     meta = json.loads(last.with_suffix(".json").read_text())
-    assert meta["next"][0] == 0 and 10 <= meta["next"][1] < 2048 // 32, meta  # killed inside epoch 0
+    assert meta["next"][0] == 1 and 10 <= meta["next"][1] < 2048 // 32, meta  # killed inside epoch 1
 
     resumed = mpirun(2, *ucluster_args(data, test, killed, *args, "--resume"), env=env_with(), timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch   1" in resumed.stdout and "epoch   0" not in resumed.stdout  # only rank 0 logs
     assert reference.wait(timeout=1200) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     a, recs_a = final(killed)
     b, recs_b = final(ref)
-    assert recs_a[0]["resumed_at_step"] == meta["next"][1] and recs_a[0]["steps"] == 64 - meta["next"][1]
+    assert [r["epoch"] for r in recs_a] == [r["epoch"] for r in recs_b] == [0, 1]
+    assert recs_a[1]["resumed_at_step"] == meta["next"][1] and recs_a[1]["steps"] == 64 - meta["next"][1]
     assert recs_a[-1]["step"] == recs_b[-1]["step"] == 2 * 64
     np.testing.assert_array_equal(a, b)  # the same world size: the same numbers
     assert recs_a[-1]["test_acc"] == recs_b[-1]["test_acc"]
+    # and every leaf of the train state: params, BN statistics, Adam slots, counters
+    cfg = load_config(REPO / "configs/demo.yaml", TINY)
+    la, lb = (jax.tree_util.tree_leaves(checkpoint.load_latest(r, jax.device_get(create_state(cfg)))[0])
+              for r in (killed, ref))
+    assert len(la) == len(lb)
+    worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0))
+                for x, y in zip(la, lb))
+    assert worst <= 1e-6, worst

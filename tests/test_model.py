@@ -260,16 +260,20 @@ def test_model_training_gradients_equal_autodiff_over_replicas(monkeypatch):
                                        decay=0.7, mutable=["batch_stats"])
                     return combined_loss(out, t, alpha=4.0, cluster_weight=1.0, gamma=4.0, focal_alpha=10.0)[0], new
                 return jax.value_and_grad(loss, has_aux=True)(v["params"])
-            return jax.vmap(per_replica, axis_name="r")(x, tgt)
+            return jax.jit(jax.vmap(per_replica, axis_name="r"))(x, tgt)
+
+        def infer(chunk):
+            apply = jax.jit(lambda v, x: UCluster(cfg, edge_chunk=chunk).apply(v, x, train=False))
+            return apply(v, x.reshape(8, 30, -1))
 
         fast = run(3)  # 4 jets per replica: chunks of 2
-        infer_fast = UCluster(cfg, edge_chunk=3).apply(v, x.reshape(8, 30, -1), train=False)
+        infer_fast = infer(3)
         with monkeypatch.context() as mp:  # the plain forward: no custom VJP anywhere
             for module, name, plain in ((dense, "matmul", plain_matmul), (gap, "matmul", plain_matmul),
                                         (gap, "dense_bn_relu", plain_dense_bn_relu)):
                 mp.setattr(module, name, plain)
             plain = run(0)
-            infer_plain = UCluster(cfg, edge_chunk=0).apply(v, x.reshape(8, 30, -1), train=False)
+            infer_plain = infer(0)
         # Training averages the gradients over replicas: a parameter that acts only through the
         # global moments (the edge Dense bias, which BatchNorm cancels) may split its zero differently.
         (a, grads_a), (b, grads_b) = plain, fast

@@ -1,6 +1,6 @@
 """Reliability (issue 4): checkpoints, incompatible resumes, non-finite training, code-free loading,
 bad input through the CLI, fuzzed readers and converters, flat memory. docs/RELIABILITY.md lists the
-faults tried here and what happens. The SIGKILL-under-mpirun test is in test_reliability_mpi.py.
+faults tried here and what happens. The SIGKILL-under-mpirun test is in test_data_global.py.
 """
 from __future__ import annotations
 
