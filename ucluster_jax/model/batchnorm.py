@@ -64,6 +64,7 @@ def bn_variables(module: nn.Module, c: int) -> tuple[Array, Array, nn.Variable, 
 
 
 def moving_moments(module: nn.Module, c: int) -> tuple[nn.Variable, nn.Variable]:
+    """The moving mean and variance alone (a BatchNorm without scale and bias has only these)."""
     return (module.variable("batch_stats", "mean", jnp.zeros, (c,)),
             module.variable("batch_stats", "var", jnp.zeros, (c,)))
 
