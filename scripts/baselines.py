@@ -139,18 +139,31 @@ def _mass_plot(mass: np.ndarray, label: np.ndarray, names: tuple[str, ...], cuts
 
 
 def _load_epoch(run: Path, epoch: int | None):
-    from ucluster_jax import checkpoint
     from ucluster_jax.evaluate import load_run
-    from ucluster_jax.train.state import create_state
 
     cfg, state, meta = load_run(run)
     if epoch is None or int(meta["epoch"]) == epoch:
         return cfg, state, meta
+    for m, restore in _epoch_ends(run, cfg):
+        if int(m["epoch"]) == epoch:
+            return cfg, restore(), m
+    raise SystemExit(f"{run}: no checkpoint of epoch {epoch} (train with --set train.keep_checkpoints=50)")
+
+
+def _epoch_ends(run: Path, cfg):
+    """(sidecar, restore) of every checkpoint written at an epoch's end (mid-epoch ones skipped), oldest
+    first; restore() reads the state only when called."""
+    from ucluster_jax import checkpoint
+    from ucluster_jax.train.state import create_state
+
     for p in checkpoint.list_checkpoints(run):
         blob, m = checkpoint.read_verified(p)
-        if int(m["epoch"]) == epoch and m.get("next", [0, 0])[1] == 0:  # an epoch's end, not mid-epoch
-            return cfg, checkpoint.restore(blob, create_state(cfg), p), m
-    raise SystemExit(f"{run}: no checkpoint of epoch {epoch} (train with --set train.keep_checkpoints=50)")
+        if m.get("next", [0, 0])[1] == 0:
+            yield m, lambda blob=blob, p=p: checkpoint.restore(blob, create_state(cfg), p)
+
+
+def _distances(mu: np.ndarray) -> np.ndarray:
+    return np.sqrt(((mu[:, None] - mu[None]) ** 2).sum(-1))
 
 
 def cmd_embed(a: argparse.Namespace) -> dict:
@@ -208,23 +221,17 @@ def cmd_bn(a: argparse.Namespace) -> dict:
     mu = np.asarray(state.params["mu"], np.float64)
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy_moving_average_bn": accuracy(state),
             "accuracy_precise_bn": accuracy(precise), "precise_bn_batches": n,
-            "centroid_distances": np.sqrt(((mu[:, None] - mu[None]) ** 2).sum(-1)).round(4).tolist(),
+            "centroid_distances": _distances(mu).round(4).tolist(),
             "centroids": mu.round(4).tolist()}
 
 
 def cmd_centroids(a: argparse.Namespace) -> dict:
-    from ucluster_jax import checkpoint
     from ucluster_jax.evaluate import load_run
-    from ucluster_jax.train.state import create_state
 
-    cfg = load_run(a.run)[0]
     rows = []
-    for p in checkpoint.list_checkpoints(a.run):
-        blob, m = checkpoint.read_verified(p)
-        if m.get("next", [0, 0])[1] != 0:  # mid-epoch
-            continue
-        mu = np.asarray(checkpoint.restore(blob, create_state(cfg), p).params["mu"], np.float64)
-        d = np.sqrt(((mu[:, None] - mu[None]) ** 2).sum(-1))
+    for m, restore in _epoch_ends(a.run, load_run(a.run)[0]):
+        mu = np.asarray(restore().params["mu"], np.float64)
+        d = _distances(mu)
         rows.append({"epoch": int(m["epoch"]), "distances": {f"{i}-{j}": round(float(d[i, j]), 6)
                                                              for i in range(len(mu)) for j in range(i + 1, len(mu))}})
     return {"run": str(a.run), "epochs": rows}
