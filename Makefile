@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml scripts/install.sh
 demo: install
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
+# Two workers (2 cores: one test's compile overlaps another's MPI run); whole files per worker, so a
+# module's background reference run (tests/test_data_global.py) is shared by its tests.
 test: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 bench: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ucluster bench --out bench_out
