@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from ucluster_jax.config import load_config
 from ucluster_jax.model.batchnorm import BatchNorm, bn_decay
@@ -23,6 +24,19 @@ def jets(b=4, n=100, real=40, seed=0, f=8):
 def test_parameter_count_is_the_originals(path):
     cfg = load_config(path)
     assert count_params(init_variables(cfg.model, 0)["params"]) == 186_210
+
+
+def test_jitted_initialiser_gives_the_bits_of_the_op_by_op_one():
+    """init_variables is jitted for a fast start; the parameters must stay those of Flax's own init."""
+    cfg = load_config(None, ["model.num_points=10", "model.k=3"]).model
+    x = jnp.zeros((2, cfg.num_points, cfg.num_features), jnp.float32)
+    eager = UCluster(cfg).init(jax.random.PRNGKey(3), x, train=True)
+    jitted = init_variables(cfg, 3)
+    assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(jitted)
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = init_variables(cfg, 4)["params"]  # and the seed still matters
+    assert not np.array_equal(ravel_pytree(other)[0], ravel_pytree(jitted["params"])[0])
 
 
 def test_knn_includes_self_and_skips_padding():
