@@ -163,7 +163,10 @@ def _epoch_ends(run: Path, cfg):
 
 
 def _distances(mu: np.ndarray) -> np.ndarray:
-    return np.sqrt(((mu[:, None] - mu[None]) ** 2).sum(-1))
+    """Centroid-to-centroid distances, from the model's own squared-distance function."""
+    from ucluster_jax.model.networks import centroid_distances
+
+    return np.sqrt(np.asarray(centroid_distances(mu, mu), np.float64))
 
 
 def cmd_embed(a: argparse.Namespace) -> dict:
