@@ -19,6 +19,13 @@
         its clusters give per 1 GeV of mass, the masses where the majority changes, and the accuracy of a
         mass-only classifier that gives every jet its mass bin's majority (equal to the model's accuracy
         when the clusters are mass windows), beside the best cuts fitted on TRAIN.
+    python scripts/baselines.py align --run RUN --epochs E1,E2,... --train TRAIN --test TEST [--json OUT]
+        how the split between the two lighter clusters (W and Z) lies in the latent, per epoch-end checkpoint:
+        the distance between their centroids against the rms size of the blob their test jets form, the
+        share of that blob's variance along the jet-mass direction (least squares of the latent on the
+        mass), the cosine between the centroid difference and that direction, and the correlation of a
+        jet's side of the split with its mass. For a checkpoint from before the joint phase (centroids
+        still zero) the centroids are the k-means start, recomputed on TRAIN as the training loop does.
     python scripts/baselines.py widths --per-jet EVAL/per_jet.parquet [--json OUT]
         the clusters of `ucluster evaluate` re-assigned with per-cluster widths: classification EM with a
         variance (isotropic or per dimension) and a prior per cluster on the trained latent, started from
@@ -272,6 +279,41 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
             "n_test": int(len(y))}
 
 
+def cmd_align(a: argparse.Namespace) -> dict:
+    from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.scoring import embed
+
+    rt, test, out = setup("single"), ParquetDataset(a.test), []
+    for epoch in (int(e) for e in a.epochs.split(",")):
+        cfg, state, _ = _load_epoch(a.run, epoch)
+        bs, k = cfg.train.eval_batch_size, cfg.model.num_clusters
+        mu = np.asarray(state.params["mu"], np.float64)
+        start = not mu.any()  # pre-training: the centroids the joint phase would start from
+        train_mode = start and cfg.train.kmeans_embeddings == "train_mode"  # as the loop's k-means saw them
+        if start:
+            zt = embed(rt, cfg, state, ParquetDataset(a.train).iter_all(bs), train_mode_bn=train_mode)["z"]
+            mu = kmeans(zt, k, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts).astype(np.float64)
+        o = embed(rt, cfg, state, test.iter_all(bs), train_mode_bn=train_mode)
+        z, m, y = o["z"].astype(np.float64), o["mass"].astype(np.float64), o["label"].astype(np.int64)
+        cl = np.argmin(np.sum((z[:, None, :] - mu[None]) ** 2, -1), 1)
+        acc = matched_accuracy(contingency_np(cl, y, k, len(test.meta.class_names)))[0]
+        means = np.array([m[cl == j].mean() if np.any(cl == j) else np.inf for j in range(k)])
+        w = np.argsort(means)[:2]  # the two lighter clusters: W-like, Z-like
+        blob = np.isin(cl, w)
+        zc, mc = z[blob] - z[blob].mean(0), m[blob] - m[blob].mean()
+        v = zc.T @ mc / (mc @ mc)  # latent change per GeV
+        d = mu[w[1]] - mu[w[0]]
+        side = (z[blob] - 0.5 * (mu[w[0]] + mu[w[1]])) @ d
+        total = float(np.trace(np.cov(zc.T)))
+        out.append({"epoch": epoch, "kmeans_start": bool(start), "accuracy": acc,
+                    "wz_centroid_distance": float(np.linalg.norm(d)), "blob_rms": total ** 0.5,
+                    "blob_variance_along_mass": float(v @ v * mc.var() / total),
+                    "cos_centroid_difference_mass": float(abs(v @ d) / np.linalg.norm(v) / np.linalg.norm(d)),
+                    "corr_side_mass": float(np.corrcoef(side, m[blob])[0, 1]),
+                    "cluster_mean_mass_gev": sorted(float(x) for x in means if np.isfinite(x))})
+    return {"run": str(a.run), "epochs": out}
+
+
 def _boundary_plot(edges: np.ndarray, frac: np.ndarray, filled: np.ndarray, names: tuple[str, ...],
                    cuts: tuple[float, float], path: Path) -> None:
     from ucluster_jax.plots import jets
@@ -378,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s.add_argument("--plot", type=Path, help="PNG of the cluster fractions against the jet mass")
+    s = sub.add_parser("align")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--epochs", required=True, help="comma-separated epochs with an epoch-end checkpoint")
+    s.add_argument("--train", type=Path, required=True)
+    s.add_argument("--test", type=Path, required=True)
     s = sub.add_parser("widths")
     s.add_argument("--per-jet", type=Path, required=True, help="per_jet.parquet written by `ucluster evaluate`")
     s = sub.add_parser("supervised-data")
@@ -391,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sub.choices.values():
         s.add_argument("--json", type=Path, help="also write the result here")
     a = p.parse_args(argv)
-    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "centroids": cmd_centroids, "boundary": cmd_boundary, "widths": cmd_widths, "supervised-data": cmd_supervised_data,
+    res = {"mass": cmd_mass, "embed": cmd_embed, "bn": cmd_bn, "centroids": cmd_centroids, "boundary": cmd_boundary, "align": cmd_align, "widths": cmd_widths, "supervised-data": cmd_supervised_data,
            "supervised": cmd_supervised}[a.cmd](a)
     text = json.dumps(res, indent=1)
     if a.json:
