@@ -280,6 +280,7 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
 
 
 def cmd_align(a: argparse.Namespace) -> dict:
+    from ucluster_jax.model.networks import centroid_distances
     from ucluster_jax.parallel.runtime import setup
     from ucluster_jax.train.scoring import embed
 
@@ -294,8 +295,9 @@ def cmd_align(a: argparse.Namespace) -> dict:
             zt = embed(rt, cfg, state, ParquetDataset(a.train).iter_all(bs), train_mode_bn=train_mode)["z"]
             mu = kmeans(zt, k, seed=cfg.train.seed, restarts=cfg.train.kmeans_restarts).astype(np.float64)
         o = embed(rt, cfg, state, test.iter_all(bs), train_mode_bn=train_mode)
+        dist = centroid_distances(o["z"], mu.astype(np.float32)) if start else o["dist"]  # the model's own
         z, m, y = o["z"].astype(np.float64), o["mass"].astype(np.float64), o["label"].astype(np.int64)
-        cl = np.argmin(np.sum((z[:, None, :] - mu[None]) ** 2, -1), 1)
+        cl = np.argmin(np.asarray(dist), 1)
         acc = matched_accuracy(contingency_np(cl, y, k, len(test.meta.class_names)))[0]
         means = np.array([m[cl == j].mean() if np.any(cl == j) else np.inf for j in range(k)])
         w = np.argsort(means)[:2]  # the two lighter clusters: W-like, Z-like
