@@ -91,6 +91,34 @@ def test_checkpoint_checksum_config_and_fallback(tmp_path, capsys):
     assert checkpoint.load_latest(tmp_path / "order", state)[1]["step"] == 100
 
 
+
+def test_resume_drops_records_logged_after_its_checkpoint(tmp_path, toy10):
+    """A run killed at step 11 of 12 has logged test points at steps 8 and 10 but has its newest
+    checkpoint at step 9 (every 3 steps); the resumed run logs step 10 again. Its metrics.jsonl and
+    curve.jsonl must read as the uninterrupted run's, each point once."""
+    more = ("train.epochs=2", "train.eval_every_samples=64", "train.checkpoint_every_steps=3",
+            "train.keep_checkpoints=100")
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    train(tiny(*more), toy10, ref, test_data=toy10, engine="single")  # 6 steps per epoch; joint epoch 1
+    records = {f: (ref / f).read_text().splitlines() for f in ("metrics.jsonl", "curve.jsonl")}
+    assert [json.loads(r)["step"] for r in records["curve.jsonl"]] == [8, 10, 12]  # every 2 steps of joint epoch 1; 12: its end
+    # what the killed run left behind: checkpoints up to step 9, points up to step 10, no epoch-1 record
+    for ck in checkpoint.list_checkpoints(ref)[:3]:
+        for f in (ck, ck.with_suffix(".json")):
+            (killed / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (killed / "checkpoints" / f.name).write_bytes(f.read_bytes())
+    assert checkpoint.list_checkpoints(killed)[-1].name == "ckpt-0000000009.msgpack"
+    (killed / "metrics.jsonl").write_text(records["metrics.jsonl"][0] + "\n")
+    (killed / "curve.jsonl").write_text("\n".join(records["curve.jsonl"][:2]) + "\n")
+    rec = train(tiny(*more), toy10, killed, test_data=toy10, resume=True, engine="single")
+    assert rec["resumed_at_step"] == 3
+    for f, lines in records.items():
+        got = [json.loads(r) for r in (killed / f).read_text().splitlines()]
+        want = [json.loads(r) for r in lines]
+        assert [r["step"] for r in got] == [r["step"] for r in want], f
+        assert [r.get("test_acc") for r in got] == [r.get("test_acc") for r in want], f  # same numbers: a bitwise resume
+
+
 def test_resume_with_incompatible_config_is_a_clear_error(tmp_path, toy10):
     cfg = tiny()
     meta = {"epoch": 0, "config": cfg.to_dict(), "world": 1}

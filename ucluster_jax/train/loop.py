@@ -82,6 +82,18 @@ class Logger:
         if self.events is not None:
             self.events.close()
 
+    def rewind(self, step: int) -> None:
+        """Drop the records written after the checkpoint a resume starts from (step `step`): a run
+        killed between checkpoints has logged points that the resumed run logs again."""
+        if not self.enabled:
+            return
+        for path in (self.path, self.path.with_name("curve.jsonl")):
+            if path.exists():
+                lines = path.read_text().splitlines()
+                keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+                if len(keep) < len(lines):
+                    checkpoint.atomic_write(path, "".join(line + "\n" for line in keep))
+
     @staticmethod
     def _append(path: Path, rec: dict[str, Any]) -> None:
         with open(path, "a") as f:
@@ -120,6 +132,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     steps = ds.steps_per_epoch(t.batch_size)
     log = Logger(out, rt.is_root, t.tensorboard)
+    if resume:
+        log.rewind(int(host.step))
     rec: dict[str, Any] = {}
 
     def save(h: TrainState, epoch: int, next_epoch: int, next_step: int) -> None:
@@ -166,8 +180,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
             if first:
                 rec["resumed_at_step"] = first
+            log.epoch(rec)  # before the checkpoint: a kill between the two repeats the record, which a resume drops
             save(host, epoch, epoch + 1, 0)  # the host copy taken after the epoch: no second transfer
-            log.epoch(rec)
             every = t.tensorboard_latent_every
             if log.events is not None and every and epoch >= t.pretrain_epochs and (epoch + 1) % every == 0:
                 # rank 0 only (log.events), on its own jets
