@@ -91,7 +91,6 @@ def test_checkpoint_checksum_config_and_fallback(tmp_path, capsys):
     assert checkpoint.load_latest(tmp_path / "order", state)[1]["step"] == 100
 
 
-
 def test_resume_drops_records_logged_after_its_checkpoint(tmp_path, toy10):
     """A run killed at step 11 of 12 has logged test points at steps 8 and 10 but has its newest
     checkpoint at step 9 (every 3 steps); the resumed run logs step 10 again. Its metrics.jsonl and
@@ -101,7 +100,8 @@ def test_resume_drops_records_logged_after_its_checkpoint(tmp_path, toy10):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     train(tiny(*more), toy10, ref, test_data=toy10, engine="single")  # 6 steps per epoch; joint epoch 1
     records = {f: (ref / f).read_text().splitlines() for f in ("metrics.jsonl", "curve.jsonl")}
-    assert [json.loads(r)["step"] for r in records["curve.jsonl"]] == [8, 10, 12]  # every 2 steps of joint epoch 1; 12: its end
+    # points every 2 steps of joint epoch 1 (steps 7-12); 12: its end
+    assert [json.loads(r)["step"] for r in records["curve.jsonl"]] == [8, 10, 12]
     # what the killed run left behind: checkpoints up to step 9, points up to step 10, no epoch-1 record
     for ck in checkpoint.list_checkpoints(ref)[:3]:
         for f in (ck, ck.with_suffix(".json")):
@@ -116,7 +116,7 @@ def test_resume_drops_records_logged_after_its_checkpoint(tmp_path, toy10):
         got = [json.loads(r) for r in (killed / f).read_text().splitlines()]
         want = [json.loads(r) for r in lines]
         assert [r["step"] for r in got] == [r["step"] for r in want], f
-        assert [r.get("test_acc") for r in got] == [r.get("test_acc") for r in want], f  # same numbers: a bitwise resume
+        assert [r.get("test_acc") for r in got] == [r.get("test_acc") for r in want], f  # a bitwise resume
 
 
 def test_resume_with_incompatible_config_is_a_clear_error(tmp_path, toy10):
