@@ -57,7 +57,7 @@ class Logger:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.curve = run_dir / "metrics.jsonl", run_dir / "curve.jsonl"
         self.events = EventLog(run_dir) if enabled and tensorboard else None
 
     def epoch(self, rec: dict[str, Any]) -> None:
@@ -74,7 +74,7 @@ class Logger:
     def point(self, rec: dict[str, Any]) -> None:
         """One point of the test curve against joint-phase samples (RUN/curve.jsonl)."""
         if self.enabled:
-            self._append(self.path.with_name("curve.jsonl"), rec)
+            self._append(self.curve, rec)
         if self.events is not None:
             self.events.point(rec)
 
@@ -87,7 +87,7 @@ class Logger:
         killed between checkpoints has logged points that the resumed run logs again."""
         if not self.enabled:
             return
-        for path in (self.path, self.path.with_name("curve.jsonl")):
+        for path in (self.path, self.curve):
             if path.exists():
                 lines = path.read_text().splitlines()
                 keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
@@ -219,10 +219,10 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         s = start_step + n
         if rt.replicas > 1 and t.checksum_every and n % t.checksum_every == 0:
             rt.check_replicas(state, f"epoch {epoch} step {s}")
+        if score is not None and every and s % every == 0 and s < steps:  # before the checkpoint, as at epoch ends
+            score(rt.host_state(state))
         if on_step is not None and s % t.checkpoint_every_steps == 0 and s < steps:
             on_step(state, s)
-        if score is not None and every and s % every == 0 and s < steps:
-            score(rt.host_state(state))
         if bar.due():
             jax.block_until_ready(sums["loss"])
             bar.update(n * t.batch_size)
