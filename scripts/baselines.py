@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ucluster_jax.data.reader import ParquetDataset
-from ucluster_jax.metrics import contingency_np, matched_accuracy
+from ucluster_jax.metrics import contingency_np, matched_accuracy, split_alignment
 from ucluster_jax.train.kmeans import kmeans
 
 
@@ -299,20 +299,16 @@ def cmd_align(a: argparse.Namespace) -> dict:
         z, m, y = o["z"].astype(np.float64), o["mass"].astype(np.float64), o["label"].astype(np.int64)
         cl = np.argmin(np.asarray(dist), 1)
         acc = matched_accuracy(contingency_np(cl, y, k, len(test.meta.class_names)))[0]
-        means = np.array([m[cl == j].mean() if np.any(cl == j) else np.inf for j in range(k)])
-        w = np.argsort(means)[:2]  # the two lighter clusters: W-like, Z-like
+        sa = split_alignment(z, m, cl, mu)  # what `ucluster train` logs at its k-means start (start_*)
+        w = np.argsort([np.inf if x is None else x for x in sa["cluster_mean_mass"]])[:2]  # W-like, Z-like
         blob = np.isin(cl, w)
-        zc, mc = z[blob] - z[blob].mean(0), m[blob] - m[blob].mean()
-        v = zc.T @ mc / (mc @ mc)  # latent change per GeV
-        d = mu[w[1]] - mu[w[0]]
-        side = (z[blob] - 0.5 * (mu[w[0]] + mu[w[1]])) @ d
-        total = float(np.trace(np.cov(zc.T)))
         out.append({"epoch": epoch, "kmeans_start": bool(start), "accuracy": acc,
-                    "wz_centroid_distance": float(np.linalg.norm(d)), "blob_rms": total ** 0.5,
-                    "blob_variance_along_mass": float(v @ v * mc.var() / total),
-                    "cos_centroid_difference_mass": float(abs(v @ d) / np.linalg.norm(v) / np.linalg.norm(d)),
-                    "corr_side_mass": float(np.corrcoef(side, m[blob])[0, 1]),
-                    "cluster_mean_mass_gev": sorted(float(x) for x in means if np.isfinite(x))})
+                    "wz_centroid_distance": float(np.linalg.norm(mu[w[1]] - mu[w[0]])),
+                    "blob_rms": float(np.sum((z[blob] - z[blob].mean(0)) ** 2) / blob.sum()) ** 0.5,
+                    "blob_variance_along_mass": sa.get("variance_along_mass"),
+                    "cos_centroid_difference_mass": sa.get("cos_split_mass"),
+                    "corr_side_mass": sa.get("corr_side_mass"),
+                    "cluster_mean_mass_gev": sorted(x for x in sa["cluster_mean_mass"] if x is not None)})
     return {"run": str(a.run), "epochs": out}
 
 

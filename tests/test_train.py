@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
+from ucluster_jax.metrics import split_alignment
 from ucluster_jax.original_log import read_log
 from ucluster_jax.train.loop import train
 from ucluster_jax.train.state import create_state, learning_rate, phase
@@ -73,6 +74,36 @@ def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
     last = json.loads((single_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rows[-1]["test_acc"] == last["test_acc"] and rows[-1]["test_kmeans"] == last["test_kmeans"]
     assert all(0 < r["test_acc"] <= 1 and r["test_kmeans"] > 0 for r in rows)
+
+
+def test_split_alignment_tells_a_split_along_the_mass_from_one_across_it():
+    """Two light clusters (W 80, Z 91 GeV) and a heavy one (top 175); the latent's axis 0 carries the
+    mass, axis 1 a mass-free feature. A start whose W|Z centroids differ along axis 0 follows the mass."""
+    rng = np.random.default_rng(0)
+    mass = np.concatenate([rng.normal(80, 6, 400), rng.normal(91, 6, 400), rng.normal(175, 10, 400)])
+    z = np.stack([mass / 50 + rng.normal(0, 0.05, 1200), rng.normal(0, 0.3, 1200)], 1)
+    along = np.array([[1.6, 0.0], [1.82, 0.0], [3.5, 0.0]])
+    across = np.array([[1.7, -0.25], [1.7, 0.25], [3.5, 0.0]])
+    res = {}
+    for name, mu in (("along", along), ("across", across)):
+        cluster = np.argmin(((z[:, None] - mu[None]) ** 2).sum(-1), 1)
+        res[name] = split_alignment(z, mass, cluster, mu)
+    assert res["along"]["corr_side_mass"] > 0.9 and res["along"]["cos_split_mass"] > 0.99
+    assert abs(res["across"]["corr_side_mass"]) < 0.1 and res["across"]["cos_split_mass"] < 0.1
+    assert res["along"]["variance_along_mass"] == pytest.approx(res["across"]["variance_along_mass"], abs=0.1)
+    assert res["along"]["cluster_mean_mass"][2] > 160
+    one_cluster = split_alignment(z, mass, np.zeros(1200, int), along)  # no split to measure
+    assert one_cluster == {"cluster_mean_mass": [pytest.approx(mass.mean(), abs=1e-3), None, None]}
+
+
+def test_the_kmeans_start_is_logged_with_its_split_and_training_accuracy(single_run):
+    """TINY: 2 focal-only epochs, so the k-means start is made at epoch 2 and logged in its record only."""
+    recs = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
+    assert [("start_corr_side_mass" in r) for r in recs] == [False, False, True]
+    start = recs[2]
+    assert len(start["start_cluster_mean_mass"]) == 3 and all(m > 0 for m in start["start_cluster_mean_mass"])
+    assert -1 <= start["start_corr_side_mass"] <= 1 and 0 <= start["start_variance_along_mass"] <= 1
+    assert 1 / 3 < start["start_train_acc"] <= 1
 
 
 def test_tensorboard_events_hold_the_epoch_records_and_the_curve(single_run):

@@ -27,7 +27,7 @@ from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
-from ucluster_jax.train.scoring import init_centroids, latent_sample, score_point
+from ucluster_jax.train.scoring import format_start, init_centroids, latent_sample, score_point
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase
 
 
@@ -147,12 +147,13 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     try:
         for epoch in range(start_epoch, t.epochs):
             first = start_step if epoch == start_epoch else 0  # `host`: the state, as placed or last fetched
+            start = None
             if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
-                mu = init_centroids(rt, cfg, host, ds)
+                mu, start = init_centroids(rt, cfg, host, ds)
                 host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
                 if rt.is_root:
-                    print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}",
-                          flush=True)
+                    print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}\n"
+                          f"start: {format_start(start)}", flush=True)
             alpha, weight, joint_lr = phase(cfg, epoch)
             # at the epoch's first step
             lr = float(learning_rate(int(host.samples_seen) - first * t.batch_size, t, rt.replicas, joint_lr))
@@ -180,6 +181,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             rec.update(lr=lr, alpha=alpha, epoch=epoch, step=int(host.step), samples_seen=int(host.samples_seen))
             if first:
                 rec["resumed_at_step"] = first
+            if start:  # not after a resume inside the k-means epoch: the start was made before the kill
+                rec.update({f"start_{k}": v for k, v in start.items()})
             log.epoch(rec)  # before the checkpoint: a kill between the two repeats the record, which a resume drops
             save(host, epoch, epoch + 1, 0)  # the host copy taken after the epoch: no second transfer
             every = t.tensorboard_latent_every

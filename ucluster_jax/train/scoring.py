@@ -13,7 +13,8 @@ import numpy as np
 from ucluster_jax.config import Config
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.losses import kmeans_loss
-from ucluster_jax.metrics import contingency_np, matched_accuracy
+from ucluster_jax.metrics import contingency_np, matched_accuracy, split_alignment
+from ucluster_jax.model.networks import centroid_distances
 from ucluster_jax.parallel.runtime import Runtime
 from ucluster_jax.train.kmeans import kmeans
 from ucluster_jax.train.state import TrainState
@@ -50,17 +51,40 @@ def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[di
     return {k: np.concatenate(jax.device_get(v)) for k, v in outs.items()}
 
 
-def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset) -> np.ndarray:
+def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset
+                   ) -> tuple[np.ndarray, dict | None]:
     """Global k-means: every rank embeds its block of eval batches, rank 0 clusters all of them (in file
-    order, whatever the world size), the result is broadcast."""
-    z = embed(rt, cfg, host_state, ds.iter_all(cfg.train.eval_batch_size),
-              train_mode_bn=cfg.train.kmeans_embeddings == "train_mode")["z"]
-    everything = rt.gather_rows(z)
-    mu = None
+    order, whatever the world size), the result is broadcast.
+
+    Also returns, on rank 0 (None elsewhere), what the start looks like on the training jets: its
+    matched accuracy where they have labels, and how its W|Z split lies against the jet mass
+    (`split_alignment`, label-free), which foretold how far a run rose (docs/RESULTS.md)."""
+    o = embed(rt, cfg, host_state, ds.iter_all(cfg.train.eval_batch_size),
+              train_mode_bn=cfg.train.kmeans_embeddings == "train_mode")
+    z, mass, label = (rt.gather_rows(o[k]) for k in ("z", "mass", "label"))
+    mu, start = None, None
     if rt.is_root:
-        mu = kmeans(everything, cfg.model.num_clusters, seed=cfg.train.seed,
+        mu = kmeans(z, cfg.model.num_clusters, seed=cfg.train.seed,
                     restarts=cfg.train.kmeans_restarts, iters=cfg.train.kmeans_iters)
-    return np.asarray(rt.bcast(mu), np.float32)
+        cluster = np.argmin(np.asarray(centroid_distances(z, mu)), axis=1)
+        start = split_alignment(z, mass, cluster, mu)
+        cont = contingency_np(cluster, label.astype(np.int64), cfg.model.num_clusters, len(ds.meta.class_names))
+        if cont.sum():
+            start["train_acc"] = matched_accuracy(cont)[0]
+    return np.asarray(rt.bcast(mu), np.float32), start
+
+
+def format_start(start: dict) -> str:
+    """One line for the log: the k-means start's cluster masses, its W|Z split against the mass, and
+    its training accuracy where the jets have labels."""
+    masses = ", ".join("-" if x is None else f"{x:.1f}" for x in start["cluster_mean_mass"])
+    parts = [f"cluster mean mass [{masses}] GeV"]
+    if "corr_side_mass" in start:
+        parts.append(f"W|Z split vs mass: corr {start['corr_side_mass']:.3f}, "
+                     f"variance along mass {start['variance_along_mass']:.3f}, cos {start['cos_split_mass']:.3f}")
+    if "train_acc" in start:
+        parts.append(f"train acc {start['train_acc']:.4f}")
+    return "; ".join(parts)
 
 
 def latent_sample(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDataset, max_jets: int = 4096
