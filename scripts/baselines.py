@@ -300,14 +300,13 @@ def cmd_align(a: argparse.Namespace) -> dict:
         cl = np.argmin(np.asarray(dist), 1)
         acc = matched_accuracy(contingency_np(cl, y, k, len(test.meta.class_names)))[0]
         sa = split_alignment(z, m, cl, mu)  # what `ucluster train` logs at its k-means start (start_*)
-        w = np.argsort([np.inf if x is None else x for x in sa["cluster_mean_mass"]])[:2]  # W-like, Z-like
+        w = sa["wz_clusters"]  # W-like, Z-like
         blob = np.isin(cl, w)
         out.append({"epoch": epoch, "kmeans_start": bool(start), "accuracy": acc,
                     "wz_centroid_distance": float(np.linalg.norm(mu[w[1]] - mu[w[0]])),
                     "blob_rms": float(np.sum((z[blob] - z[blob].mean(0)) ** 2) / blob.sum()) ** 0.5,
-                    "blob_variance_along_mass": sa.get("variance_along_mass"),
-                    "cos_centroid_difference_mass": sa.get("cos_split_mass"),
-                    "corr_side_mass": sa.get("corr_side_mass"),
+                    "blob_variance_along_mass": sa["variance_along_mass"],
+                    "cos_centroid_difference_mass": sa["cos_split_mass"], "corr_side_mass": sa["corr_side_mass"],
                     "cluster_mean_mass_gev": sorted(x for x in sa["cluster_mean_mass"] if x is not None)})
     return {"run": str(a.run), "epochs": out}
 

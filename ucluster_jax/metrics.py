@@ -33,13 +33,14 @@ def contingency_np(cluster: np.ndarray, label: np.ndarray, k: int, c: int) -> np
 
 def split_alignment(z: np.ndarray, mass: np.ndarray, cluster: np.ndarray, mu: np.ndarray) -> dict:
     """How the split between the two lightest clusters (by mean jet mass: W and Z) lies against the jet
-    mass, without labels. In docs/RESULTS.md ("Five starts") the k-means starts with corr_side_mass
-    0.73-0.78 ended at 74.5-76.2 %, those with 0.65-0.66 at 70.8 and 61.8 %: a lead, not a law.
+    mass, without labels. In docs/RESULTS.md ("Five starts" and the subsection after it) no k-means start
+    with corr_side_mass 0.65-0.66 ended high, and one with 0.83 ended low: necessary, not sufficient.
 
-    corr_side_mass: correlation of a jet's signed side of the split (projection on the centroid
-    difference) with its mass; variance_along_mass: share of the two clusters' latent variance explained
-    linearly by the mass; cos_split_mass: |cosine| between the centroid difference and the latent's
-    direction of change per GeV; cluster_mean_mass: mean mass per cluster, in cluster order."""
+    wz_clusters: the two clusters' indices, lighter first; corr_side_mass: correlation of a jet's signed
+    side of the split (projection on the centroid difference) with its mass; variance_along_mass: share
+    of the two clusters' latent variance explained linearly by the mass; cos_split_mass: |cosine| between
+    the centroid difference and the latent's direction of change per GeV; cluster_mean_mass: mean mass
+    per cluster, in cluster order."""
     z, m, mu = np.asarray(z, np.float64), np.asarray(mass, np.float64), np.asarray(mu, np.float64)
     means = np.array([m[cluster == j].mean() if np.any(cluster == j) else np.inf for j in range(len(mu))])
     out: dict = {"cluster_mean_mass": [round(float(x), 3) if np.isfinite(x) else None for x in means]}
@@ -53,7 +54,7 @@ def split_alignment(z: np.ndarray, mass: np.ndarray, cluster: np.ndarray, mu: np
     if mc @ mc == 0 or total == 0 or side.std() == 0:
         return out
     v = zc.T @ mc / (mc @ mc)  # latent change per GeV (least squares)
-    out.update(corr_side_mass=float(np.corrcoef(side, m[blob])[0, 1]),
+    out.update(wz_clusters=[int(w[0]), int(w[1])], corr_side_mass=float(np.corrcoef(side, m[blob])[0, 1]),
                variance_along_mass=float(v @ v * (mc @ mc) / total),
                cos_split_mass=float(abs(v @ d) / max(np.linalg.norm(v) * np.linalg.norm(d), 1e-300)))
     return out

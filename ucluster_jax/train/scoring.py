@@ -58,7 +58,7 @@ def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: Parquet
 
     Also returns, on rank 0 (None elsewhere), what the start looks like on the training jets: its
     matched accuracy where they have labels, and how its W|Z split lies against the jet mass
-    (`split_alignment`, label-free), which foretold how far a run rose (docs/RESULTS.md)."""
+    (`split_alignment`, label-free; what it does and does not tell: docs/RESULTS.md, "Five starts")."""
     o = embed(rt, cfg, host_state, ds.iter_all(cfg.train.eval_batch_size),
               train_mode_bn=cfg.train.kmeans_embeddings == "train_mode")
     z, mass, label = (rt.gather_rows(o[k]) for k in ("z", "mass", "label"))
