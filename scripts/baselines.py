@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Baselines for the W/Z/top study (docs/RESULTS.md), on the same parquet test jets as the model.
 
-    python scripts/baselines.py mass --train TRAIN --test TEST [--plot PNG] [--json OUT]
-        mass-window cuts (the original's windows, and the best two cuts found on TRAIN) and
-        k-means (one cluster per class) on the jet mass, fitted on TRAIN, applied to TEST.
+    python scripts/baselines.py mass --train TRAIN --test TEST [--cuts A,B ...] [--plot PNG] [--json OUT]
+        mass-window cuts (the original's windows, the best two cuts found on TRAIN, any given --cuts) and
+        k-means (one cluster per class) on the jet mass and on its square root, fitted on TRAIN, applied to TEST.
     python scripts/baselines.py embed --run RUN --epoch E --train TRAIN --test TEST [--train-part N] [--json OUT]
         k-means (k=3, k-means++ 10 restarts) on the 3-d embedding of the checkpoint written after
         epoch E (the last focal-only epoch), fitted on TRAIN embeddings, applied to TEST embeddings.
@@ -98,6 +98,16 @@ def confusion_pred(pred: np.ndarray, label: np.ndarray, num_classes: int) -> lis
     return m.tolist()
 
 
+def _cuts(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two masses A,B in GeV") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: the W|Z cut must lie below the Z|top cut")
+    return lo, hi
+
+
 def cmd_mass(a: argparse.Namespace) -> dict:
     m_tr, y_tr, _ = _mass_label(a.train)
     m_te, y_te, names = _mass_label(a.test)
@@ -111,12 +121,19 @@ def cmd_mass(a: argparse.Namespace) -> dict:
     out["window_best"] = {"windows": f"W < {a_cut:g}, Z {a_cut:g}-{b_cut:g}, top >= {b_cut:g} GeV (fitted on train)",
                           "cuts": [a_cut, b_cut], "train_accuracy": acc_tr, "accuracy": float(np.mean(best == y_te)),
                           "confusion": confusion_pred(best, y_te, len(names))}
-    mu = kmeans(m_tr[:, None], len(names), seed=0, restarts=10)
-    assign = np.argmin((m_te[:, None] - mu[None, :, 0]) ** 2, axis=1)
-    cont = contingency_np(assign, y_te, len(names), len(names))
-    acc, mapping = matched_accuracy(cont)
-    out["kmeans_mass"] = {"centres_gev": sorted(float(c) for c in mu[:, 0]), "accuracy": acc, "confusion": cont.tolist(),
-                          "cluster_to_class": mapping.tolist()}
+    out["window_given"] = []
+    for lo, hi in a.cuts:
+        pred = window_predict(m_te, lo, (lo, hi), (hi, np.inf))
+        out["window_given"].append({"cuts": [lo, hi], "accuracy": float(np.mean(pred == y_te))})
+    # k-means on the mass and on sqrt(mass) (the geometry loss.mass_bins=sqrt asks of the latent)
+    for key, f, f_inv in (("kmeans_mass", lambda m: m, lambda u: u), ("kmeans_sqrt_mass", np.sqrt, np.square)):
+        u_tr, u_te = f(np.clip(m_tr, 0, None)), f(np.clip(m_te, 0, None))
+        mu = np.sort(kmeans(u_tr[:, None], len(names), seed=0, restarts=10)[:, 0])
+        assign = np.argmin((u_te[:, None] - mu[None, :]) ** 2, axis=1)
+        cont = contingency_np(assign, y_te, len(names), len(names))
+        acc, mapping = matched_accuracy(cont)
+        out[key] = {"centres_gev": [float(c) for c in f_inv(mu)], "edges_gev": [float(e) for e in f_inv((mu[1:] + mu[:-1]) / 2)],
+                    "accuracy": acc, "confusion": cont.tolist(), "cluster_to_class": mapping.tolist()}
     # class composition of the samples, for the record
     out["test_mass_median"] = {n: float(np.median(m_te[y_te == c])) for c, n in enumerate(names)}
     out["test_fractions"] = {n: float(np.mean(y_te == c)) for c, n in enumerate(names)}
@@ -397,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s.add_argument("--plot", type=Path, help="PNG of the test mass by class with the windows")
+    s.add_argument("--cuts", action="append", default=[], metavar="A,B", type=_cuts,
+                   help="also score these two cuts (W < A, Z A-B, top >= B GeV) on TEST; repeatable")
     s = sub.add_parser("embed")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--epoch", type=int, required=True)

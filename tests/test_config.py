@@ -11,7 +11,7 @@ BAD = ["train.lr_decay_samples=0", "train.bn_decay_samples=0", "train.kmeans_res
        "train.learning_rate=0", "train.lr_decay_rate=0", "train.bn_decay_rate=1.5", "train.bn_decay_clip=2",
        "train.shuffle_buffer_row_groups=0", "train.keep_checkpoints=-1", "model.k=0", "model.k=101",
        "model.latent_dim=0", "model.conv1_widths=[64,0]", "model.num_clusters=0", "model.bn_epsilon=0",
-       "loss.focal_gamma=-1"]
+       "loss.focal_gamma=-1", "loss.mass_bins=log", "loss.mass_range=[200,30]"]
 
 
 @pytest.mark.parametrize("override", BAD)
@@ -33,7 +33,7 @@ def test_shipped_search_space_fits_the_cpu_recipe():
     from ucluster_jax.tune_space import load_space
 
     space = load_space(Path("configs/space_wztop_cpu.yaml"), Path("configs/wztop_cpu.yaml"), [])
-    assert {"train.joint_learning_rate", "loss.beta", "loss.alpha_scale"} <= set(space)
+    assert {"train.joint_learning_rate", "loss.beta", "loss.alpha_scale", "loss.mass_bins"} <= set(space)
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):
@@ -47,3 +47,8 @@ def test_tensorboard_is_on_by_default_and_a_bool():
     assert load_config(None, ["train.tensorboard=false"]).train.tensorboard is False
     with pytest.raises(ConfigError, match="cannot use 'maybe' as bool"):
         load_config(None, ["train.tensorboard=maybe"])
+
+
+def test_sqrt_mass_bins_need_jet_level_targets():
+    with pytest.raises(ConfigError, match=r"^loss.mass_bins='sqrt': must be prepared with model.variant anomaly"):
+        load_config("configs/anomaly_cpu.yaml", ["loss.mass_bins=sqrt"])

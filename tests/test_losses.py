@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ucluster_jax.config import load_config
-from ucluster_jax.losses import focal_loss, kmeans_loss
+from ucluster_jax.losses import focal_loss, kmeans_loss, sqrt_mass_bin
 from ucluster_jax.train.state import create_state
 from ucluster_jax.train.step import make_grads_fn
 
@@ -95,3 +95,33 @@ def test_per_particle_focal_reductions_match_the_original_seg_loss():
     mean = focal_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(y), 2.0, 10.0, "mean")
     np.testing.assert_allclose(mean, fl.sum(-1).mean(), rtol=2e-5)
     assert float(got) != float(mean)
+
+
+def test_sqrt_mass_bins_are_uniform_in_sqrt_mass_with_open_ends():
+    lo, hi, n = 30.0, 200.0, 20
+    edges = (np.sqrt(lo) + np.arange(n + 1) * (np.sqrt(hi) - np.sqrt(lo)) / n) ** 2
+    inside = np.concatenate([edges[:-1] * 1.0005, edges[1:] * 0.9995])  # just inside each bin's two ends
+    expect = np.concatenate([np.arange(n), np.arange(n)])
+    np.testing.assert_array_equal(np.asarray(sqrt_mass_bin(jnp.asarray(inside, jnp.float32), n, (lo, hi))), expect)
+    ends = np.asarray(sqrt_mass_bin(jnp.asarray([0.0, 10.0, 250.0, 1e4]), n, (lo, hi)))
+    np.testing.assert_array_equal(ends, [0, 0, n - 1, n - 1])
+
+
+def test_sqrt_mass_bins_replace_the_prepared_target_in_the_step():
+    """With loss.mass_bins=sqrt the step's focal target comes from the jets' mass, not the target column."""
+    rng = np.random.default_rng(4)
+    mass = rng.uniform(40, 200, 8).astype(np.float32)
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 100, 8)).astype(np.float32)), "mass": jnp.asarray(mass),
+             "label": jnp.zeros(8, jnp.int32)}
+    sqrt_target = sqrt_mass_bin(jnp.asarray(mass), 20, (30.0, 200.0))
+    zeros = jnp.zeros(8, jnp.int32)
+    cfg = load_config(None)
+    state = create_state(cfg)
+
+    def grads(overrides, target):
+        g, _, _ = jax.jit(make_grads_fn(load_config(None, overrides)))(state, {**batch, "target": target})
+        return np.asarray(g["agg"]["dense"]["kernel"])
+
+    from_mass = grads(["loss.mass_bins=sqrt"], zeros)
+    np.testing.assert_allclose(from_mass, grads(["loss.mass_bins=prepared"], sqrt_target), rtol=1e-6, atol=1e-9)
+    assert np.abs(from_mass - grads(["loss.mass_bins=prepared"], zeros)).max() > 1e-6

@@ -62,6 +62,11 @@ class LossConfig:
     # per-particle targets (anomaly): "max_per_class" is the original's reduction (per event and class the
     # largest particle loss, then the mean over events and classes); "mean": over every particle
     point_reduce: str = "max_per_class"
+    # the jet-level auxiliary target: "prepared" is the dataset's `target` column (the original's 20
+    # mass bins, linear in mass); "sqrt" recomputes it from the `mass` column as model.num_targets bins
+    # uniform in sqrt(mass) over mass_range (GeV; under- and overflow in the end bins)
+    mass_bins: str = "prepared"
+    mass_range: tuple[float, float] = (30.0, 200.0)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 value = yaml.safe_load(value)
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return tuple(int(v) for v in value)
+            item = typ.__args__[0]  # tuple[int, int] widths, tuple[float, float] ranges
+            return tuple(item(v) for v in value)
         if typ is bool:
             if isinstance(value, str):
                 low = value.lower()
@@ -244,6 +250,11 @@ def validate(cfg: Config) -> None:
         ("model.bn_epsilon", m.bn_epsilon > 0, "> 0"),
         ("loss.focal_gamma", lo.focal_gamma >= 0, ">= 0"),
         ("loss.point_reduce", lo.point_reduce in ("max_per_class", "mean"), "max_per_class or mean"),
+        ("loss.mass_bins", lo.mass_bins in ("prepared", "sqrt"), "prepared or sqrt"),
+        ("loss.mass_bins", lo.mass_bins == "prepared" or m.variant == "multiclass",
+         "prepared with model.variant anomaly (its targets are per particle)"),
+        ("loss.mass_range", len(lo.mass_range) == 2 and 0 <= lo.mass_range[0] < lo.mass_range[1],
+         "two masses in GeV, 0 <= low < high"),
         ("train.epochs", t.epochs > 0, "> 0"),
         ("train.pretrain_epochs", 0 <= t.pretrain_epochs <= t.epochs, f"in 0..train.epochs ({t.epochs})"),
         ("train.batch_size", t.batch_size > 0, "> 0"),

@@ -31,6 +31,17 @@ def kmeans_loss(dist: Array, alpha: Array | float) -> Array:
     return jnp.mean(jnp.sum(w * dist, axis=-1))
 
 
+def sqrt_mass_bin(mass: Array, num_bins: int, mass_range: tuple[float, float]) -> Array:
+    """Bins uniform in sqrt(mass) over mass_range, the ends open: 0..num_bins-1.
+
+    Why an option: 3-means on sqrt(mass) puts its edges near the best W|Z and Z|top cuts, where 3-means
+    on the mass settles at ~100 and ~145 GeV (`scripts/baselines.py mass`); whether a latent trained on
+    these bins inherits that is for a search to tell (one CPU run: it did not; docs/RESULTS.md)."""
+    lo, hi = (jnp.sqrt(jnp.float32(v)) for v in mass_range)
+    u = (jnp.sqrt(jnp.clip(mass, mass_range[0], mass_range[1])) - lo) / (hi - lo)
+    return jnp.clip(jnp.floor(u * num_bins), 0, num_bins - 1).astype(jnp.int32)
+
+
 def combined_loss(out: dict[str, Array], target: Array, *, alpha: Array | float, cluster_weight: Array | float,
                   gamma: float, focal_alpha: float, point_reduce: str = "mean") -> tuple[Array, dict[str, Array]]:
     """L = L_focal + cluster_weight * L_km; cluster_weight is 0 before the clustering phase, beta after."""

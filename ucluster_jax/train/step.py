@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from ucluster_jax.config import Config
 from ucluster_jax.data.schema import CLASS_NAMES
-from ucluster_jax.losses import combined_loss
+from ucluster_jax.losses import combined_loss, sqrt_mass_bin
 from ucluster_jax.model.batchnorm import ReplicaSum, bn_decay
 from ucluster_jax.model.networks import UCluster
 from ucluster_jax.train.state import TrainState, learning_rate, tf1_adam
@@ -78,6 +78,11 @@ def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_cla
     model = UCluster(cfg.model, replica_sum=replica_sum, edge_chunk=edge_chunk())
     t, lc = cfg.train, cfg.loss
 
+    def target_of(batch: Batch) -> Array:
+        if lc.mass_bins == "sqrt":
+            return sqrt_mass_bin(batch["mass"], cfg.model.num_targets, lc.mass_range)
+        return batch["target"]
+
     def grads_fn(state: TrainState, batch: Batch):
         decay = bn_decay(state.samples_seen, t.bn_decay_init, t.bn_decay_rate, t.bn_decay_samples, t.bn_decay_clip)
 
@@ -85,7 +90,7 @@ def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_cla
             out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["x"],
                                         train=True, decay=decay, global_features=batch.get("global"),
                                         mutable=["batch_stats"])
-            loss, parts = combined_loss(out, batch["target"], alpha=state.alpha, cluster_weight=state.cluster_weight,
+            loss, parts = combined_loss(out, target_of(batch), alpha=state.alpha, cluster_weight=state.cluster_weight,
                                         gamma=lc.focal_gamma, focal_alpha=lc.focal_alpha,
                                         point_reduce=lc.point_reduce)
             return loss, (parts, new_vars["batch_stats"], out["dist"])
