@@ -26,7 +26,6 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -125,7 +124,6 @@ def main() -> int:
         with graph.as_default():
             t = build(model, tf, a.batch)
             init = tf.global_variables_initializer()
-        shutil.rmtree(work, ignore_errors=True)
     config = tf.ConfigProto(intra_op_parallelism_threads=a.threads, inter_op_parallelism_threads=a.threads)
     x = jets(a.batch)
     labels = np.random.default_rng(1).integers(0, 20, a.batch).astype(np.int32)
