@@ -167,6 +167,23 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
+def test_several_cpu_devices_wait_for_each_step(toy10, monkeypatch):
+    """With the host running ahead, XLA's CPU client deadlocked 2 runs in 40 under load (CI: SIGABRT
+    after 40 s; scripts/stress_local_devices.py, docs/RELIABILITY.md): the loop waits for every step."""
+    from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.loop import run_epoch
+
+    waits = []
+    wait = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(x) or wait(x))
+    cfg = tiny("train.shuffle=false")
+    rt = setup("local", num_devices=2)
+    _, rec = run_epoch(rt, cfg, rt.make_step(cfg), rt.put_state(create_state(cfg)), ParquetDataset(toy10), 0)
+    assert rt.settle_each_step and rec["steps"] == 192 // 32
+    assert sum(isinstance(w, dict) and "loss" in w for w in waits) == rec["steps"]  # each step's metric sums
+    assert not setup("single").settle_each_step
+
+
 def test_package_source_has_no_code_running_loaders():
     banned = re.compile(r"\bimport pickle\b|\bpickle\.|allow_pickle\s*=\s*True|\byaml\.(unsafe_)?load\(|"
                         r"\byaml\.full_load|Loader\s*=|\bmarshal\.|\bshelve\b|\bdill\b|\bcloudpickle\b|"

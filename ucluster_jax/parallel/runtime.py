@@ -205,6 +205,15 @@ class Runtime:
         return self.rank == 0
 
     @property
+    def settle_each_step(self) -> bool:
+        """Several CPU devices in one process: the loop waits for each step's results. Run ahead, a
+        later computation needing a step's outputs could take a device's slot for computations in
+        flight before the step's own launch there (launches go through a thread pool); the step never
+        started on that device while the other waited in its allreduce, which XLA aborts after 40 s
+        (2 runs in 40 under load; docs/RELIABILITY.md)."""
+        return self.num_local > 1 and self.devices[0].platform == "cpu"
+
+    @property
     def replicated(self) -> bool:
         """State carries a leading device axis (pmap engines)."""
         return self.engine.replicated

@@ -218,6 +218,8 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         m = rt.step_metrics(m)
         per_batch.append(m.pop("contingency"))
         sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
+        if rt.settle_each_step:
+            jax.block_until_ready(sums)
         n += 1
         s = start_step + n
         if rt.replicas > 1 and t.checksum_every and n % t.checksum_every == 0:
