@@ -50,5 +50,5 @@ def test_tensorboard_is_on_by_default_and_a_bool():
 
 
 def test_sqrt_mass_bins_need_jet_level_targets():
-    with pytest.raises(ConfigError, match=r"^loss.mass_bins='sqrt': must be prepared with model.variant anomaly"):
+    with pytest.raises(ConfigError, match=r"^loss.mass_bins='sqrt': must be 'prepared' under model.variant anomaly"):
         load_config("configs/anomaly_cpu.yaml", ["loss.mass_bins=sqrt"])

@@ -252,7 +252,7 @@ def validate(cfg: Config) -> None:
         ("loss.point_reduce", lo.point_reduce in ("max_per_class", "mean"), "max_per_class or mean"),
         ("loss.mass_bins", lo.mass_bins in ("prepared", "sqrt"), "prepared or sqrt"),
         ("loss.mass_bins", lo.mass_bins == "prepared" or m.variant == "multiclass",
-         "prepared with model.variant anomaly (its targets are per particle)"),
+         "'prepared' under model.variant anomaly (its targets are per particle)"),
         ("loss.mass_range", len(lo.mass_range) == 2 and 0 <= lo.mass_range[0] < lo.mass_range[1],
          "two masses in GeV, 0 <= low < high"),
         ("train.epochs", t.epochs > 0, "> 0"),
