@@ -26,9 +26,13 @@ def focal_loss(logits: Array, target: Array, gamma: float = 4.0, alpha: float = 
 
 def kmeans_loss(dist: Array, alpha: Array | float) -> Array:
     """Deep k-Means: mean_i sum_k softmax_k(-alpha d_ik) d_ik; gradients reach z, mu and the weights."""
-    shifted = dist - jnp.min(dist, axis=-1, keepdims=True)
-    w = jax.nn.softmax(-alpha * shifted, axis=-1)
-    return jnp.mean(jnp.sum(w * dist, axis=-1))
+    return jnp.mean(jnp.sum(kmeans_weights(dist, alpha) * dist, axis=-1))
+
+
+def kmeans_weights(dist: Array, alpha: Array | float) -> Array:
+    """Each jet's soft assignment in the Deep k-Means loss, softmax_k(-alpha d_ik). Near-equal weights
+    mean the loss does not tell those clusters apart at this alpha and latent scale (docs/RESULTS.md)."""
+    return jax.nn.softmax(-alpha * (dist - jnp.min(dist, axis=-1, keepdims=True)), axis=-1)
 
 
 def sqrt_mass_bin(mass: Array, num_bins: int, mass_range: tuple[float, float]) -> Array:
