@@ -321,14 +321,15 @@ def cmd_align(a: argparse.Namespace) -> dict:
         w = sa["wz_clusters"]  # W-like, Z-like
         blob = np.isin(cl, w)
         # the blob's soft assignment in the loss at this epoch's alpha: 0.5 / 0.5 is no pull either way
-        soft = np.asarray(kmeans_weights(np.asarray(dist), float(state.alpha)))[blob][:, w] if float(state.alpha) else None
+        alpha = float(state.alpha)
+        soft = np.asarray(kmeans_weights(np.asarray(dist), alpha))[blob][:, w] if alpha else None
         out.append({"epoch": epoch, "kmeans_start": bool(start), "accuracy": acc,
                     "wz_centroid_distance": float(np.linalg.norm(mu[w[1]] - mu[w[0]])),
                     "blob_rms": float(np.sum((z[blob] - z[blob].mean(0)) ** 2) / blob.sum()) ** 0.5,
                     "blob_variance_along_mass": sa["variance_along_mass"],
                     "cos_centroid_difference_mass": sa["cos_split_mass"], "corr_side_mass": sa["corr_side_mass"],
                     "cluster_mean_mass_gev": sorted(x for x in sa["cluster_mean_mass"] if x is not None),
-                    "alpha": float(state.alpha),
+                    "alpha": alpha,
                     "blob_soft_weight_max_median": None if soft is None else float(np.median(soft.max(1))),
                     "blob_share_soft_weights_within_60_40": None if soft is None else float(np.mean(soft.max(1) < 0.6))})
     return {"run": str(a.run), "epochs": out}

@@ -131,6 +131,6 @@ def test_kmeans_weights_are_the_losses_soft_assignment():
     d = jnp.asarray([[0.0016, 0.0017, 0.45], [0.1, 0.3, 0.5]], jnp.float32)
     w = np.asarray(kmeans_weights(d, 45.0))
     np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)
-    assert abs(w[0, 0] - w[0, 1]) < 0.01 and w[0, 2] < 1e-6  # two centroids 1e-4 apart in d: no pull either way
+    assert abs(w[0, 0] - w[0, 1]) < 0.01 and w[0, 2] < 1e-6  # distances 1e-4 apart at alpha 45: no pull either way
     assert w[1, 0] > 0.99  # distances apart by 0.2 at alpha 45: a hard assignment
     np.testing.assert_allclose(kmeans_loss(d, 45.0), np.mean(np.sum(w * np.asarray(d), 1)), rtol=1e-6)
