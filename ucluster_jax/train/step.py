@@ -23,10 +23,10 @@ GradMean = Callable[[dict], dict]
 
 
 def edge_chunk() -> int:
-    """Jets per chunk of the GAP layers' edge passes on this machine: 8 on CPU (a chunk's edges stay
-    in cache); on accelerators the whole batch (any size above it), where many small sequential
-    chunks would leave the device idle."""
-    return 8 if jax.default_backend() == "cpu" else 2**31 - 1
+    """Jets per chunk of the GAP layers' edge passes on this machine: 16 on CPU (a chunk's edges stay
+    near the cores; 16 measured steadier than 8, docs/BENCHMARKS.md); on accelerators the whole batch
+    (any size above it), where many small sequential chunks would leave the device idle."""
+    return 16 if jax.default_backend() == "cpu" else 2**31 - 1
 
 
 def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) -> Array:
