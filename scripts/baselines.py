@@ -322,7 +322,7 @@ def cmd_align(a: argparse.Namespace) -> dict:
         blob = np.isin(cl, w)
         # the blob's soft assignment in the loss at this epoch's alpha: 0.5 / 0.5 is no pull either way
         alpha = float(state.alpha)
-        soft = np.asarray(kmeans_weights(np.asarray(dist), alpha))[blob][:, w] if alpha else None
+        top = np.asarray(kmeans_weights(np.asarray(dist), alpha))[blob][:, w].max(1) if alpha else None
         out.append({"epoch": epoch, "kmeans_start": bool(start), "accuracy": acc,
                     "wz_centroid_distance": float(np.linalg.norm(mu[w[1]] - mu[w[0]])),
                     "blob_rms": float(np.sum((z[blob] - z[blob].mean(0)) ** 2) / blob.sum()) ** 0.5,
@@ -330,8 +330,8 @@ def cmd_align(a: argparse.Namespace) -> dict:
                     "cos_centroid_difference_mass": sa["cos_split_mass"], "corr_side_mass": sa["corr_side_mass"],
                     "cluster_mean_mass_gev": sorted(x for x in sa["cluster_mean_mass"] if x is not None),
                     "alpha": alpha,
-                    "blob_soft_weight_max_median": None if soft is None else float(np.median(soft.max(1))),
-                    "blob_share_soft_weights_within_60_40": None if soft is None else float(np.mean(soft.max(1) < 0.6))})
+                    "blob_soft_weight_max_median": None if top is None else float(np.median(top)),
+                    "blob_share_soft_weights_within_60_40": None if top is None else float(np.mean(top < 0.6))})
     return {"run": str(a.run), "epochs": out}
 
 

@@ -195,7 +195,7 @@ def edge_attention(u: Array, idx: Array, s: Array, b_e: Array, g1: Array, b1: Ar
     else:
         m2, v2 = stats[2], stats[3]
         head = partial(_head, lambda nraw: (m2, v2), eps)
-        att, gmax, _ = _forward(head, c, alpha * u + beta, alpha * u, idx, s, w_n, b_n, g2, b2)[0]
+        att, gmax, _ = _forward(head, c, *_per_point(u, alpha, beta), idx, s, w_n, b_n, g2, b2)[0]
     return jax.nn.relu(att + b_a), gmax, (m1, v1, m2, v2)
 
 
@@ -221,13 +221,13 @@ def _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
     The sums over a jet's F features or k edges run as small matrix products, which XLA's CPU
     backend ran 1.5-2.7x faster than the same sums in an elementwise loop (docs/BENCHMARKS.md).
     """
-    return _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2)[0]
+    head = partial(_head, partial(_batch_moments, red), eps)
+    return _forward(head, c, *_per_point(u, alpha, beta), idx, s, w_n, b_n, g2, b2)[0]
 
 
 def _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
-    # a_i - b_j = alpha (u_i - u_j) + beta: one subtraction per edge element instead of three
-    # operations, and the backward pass recomputes exactly the forward's y from the stored a, b.
-    a, b = alpha * u + beta, alpha * u
+    # a and b are kept, so the backward pass recomputes exactly the forward's y from them
+    a, b = _per_point(u, alpha, beta)
     head = partial(_head, partial(_batch_moments, red), eps)
     out, (nraw, ties, coefs) = _forward(head, c, a, b, idx, s, w_n, b_n, g2, b2, with_ties=True)
     return out, (u, a, b, idx, s, alpha, w_n, g2, b2, nraw, out[1], ties, coefs)
@@ -296,6 +296,11 @@ def _edge_passes_bwd(red, eps, c, res, cot):
 
 
 _edge_passes.defvjp(_edge_passes_fwd, _edge_passes_bwd)
+
+
+def _per_point(u: Array, alpha: Array, beta: Array) -> tuple[Array, Array]:
+    """(a, b) with a_i - b_j = alpha (u_i - u_j) + beta: one subtraction per edge element instead of three."""
+    return alpha * u + beta, alpha * u
 
 
 def _chunks(c: int, a: Array) -> Array:
