@@ -16,4 +16,9 @@ if ! "$PY" -c "import mpi4jax" 2>/dev/null; then
     "$PY" -m pip install -q --no-build-isolation --no-cache-dir -e ".[mpi]"
   rmdir "$empty"
 fi
+# the allocator wrapper ucluster_jax/host_tuning.py preloads (glibc Linux); without it runs are slower, not wrong
+if [ "$(uname -s)" = Linux ] && command -v cc >/dev/null; then
+  cc -O2 -Wall -shared -fPIC -o "$VENV/lib/libucluster_keep_alloc.so" ucluster_jax/native/keep_alloc.c \
+    || echo "install: ucluster_jax/native/keep_alloc.c not built; training runs without it"
+fi
 "$PY" -c "import jax, flax, optax, mpi4jax, pyarrow, h5py, uproot; print('installed: jax', jax.__version__, 'flax', flax.__version__, 'mpi4jax', mpi4jax.__version__)"

@@ -7,6 +7,7 @@ settings are compared by setting them on the command line:
 
     python scripts/profile_step.py 512                                   # as started
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 XLA_FLAGS=--xla_cpu_prefer_vector_width=512 \
+        LD_PRELOAD=$PWD/.venv/lib/libucluster_keep_alloc.so \
         python scripts/profile_step.py 512 --layers                      # as `ucluster` runs
     git worktree add "$OLD" 1ffd2a1 && (cd "$OLD" && PYTHONPATH="$OLD" \
         python /path/to/scripts/profile_step.py 512)                     # an older model, same script

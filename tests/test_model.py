@@ -298,6 +298,44 @@ def test_model_training_gradients_equal_autodiff_over_replicas(monkeypatch):
             np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-9, atol=1e-9)
 
 
+KEEP_ALLOC_PROBE = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.realloc.restype = ctypes.c_void_p
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+p, q = ctypes.c_void_p(), ctypes.c_void_p()
+assert libc.posix_memalign(ctypes.byref(p), 4096, 128 << 20) == 0
+ctypes.memset(p, 7, 128 << 20)
+before = rss_mb()
+libc.free(p)
+dropped = before - rss_mb()
+assert libc.posix_memalign(ctypes.byref(q), 64, 120 << 20) == 0
+r = libc.realloc(q, 200 << 20)
+print(dropped, q.value == p.value, ctypes.string_at(r, 1) == bytes([7]) if q.value == p.value else "-")
+"""
+
+
+def test_installed_allocator_wrapper_keeps_the_step_buffer_mapped():
+    """The install builds `native/keep_alloc.c`; preloaded, a freed 128 MiB block stays resident and serves
+    the next request of a similar size (realloc keeps its contents); with UCLUSTER_KEEP_MB=0 it goes back
+    to the kernel as with glibc alone."""
+    import os
+    import subprocess
+    import sys
+
+    from ucluster_jax.host_tuning import KEEP_ALLOC
+
+    assert KEEP_ALLOC.is_file(), f"{KEEP_ALLOC} missing: scripts/install.sh builds it"
+    env = {**os.environ, "LD_PRELOAD": str(KEEP_ALLOC)}
+    kept = subprocess.run([sys.executable, "-c", KEEP_ALLOC_PROBE], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert int(kept[0]) < 8 and kept[1:] == ["True", "True"]
+    freed = subprocess.run([sys.executable, "-c", KEEP_ALLOC_PROBE], env={**env, "UCLUSTER_KEEP_MB": "0"},
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert int(freed[0]) > 100
+
+
 def test_cli_processes_start_with_the_speed_settings():
     """A program entry re-executes itself once with glibc's huge-page malloc tunable and XLA's AVX-512 flag."""
     import os
@@ -316,6 +354,8 @@ def test_cli_processes_start_with_the_speed_settings():
                          text=True, check=True).stdout.split("\n")
     assert out[0] == out[1] == "start"  # ran twice: once as started, once re-executed
     assert "glibc.malloc.hugetlb=1" in out[2] and "--xla_cpu_prefer_vector_width=512" in out[2]
+    assert tuned_env({})["LD_PRELOAD"].endswith("libucluster_keep_alloc.so")
+    assert tuned_env({"LD_PRELOAD": "libjemalloc.so"})["LD_PRELOAD"] == "libjemalloc.so"  # another malloc: not mixed
     out = subprocess.run([sys.executable, "-c", code], env={**clean, "UCLUSTER_NO_TUNING": "1"},
                          capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "start" and out[1].startswith("- ")  # no re-exec, no tunable
