@@ -337,7 +337,8 @@ def test_installed_allocator_wrapper_keeps_the_step_buffer_mapped():
 
 
 def test_cli_processes_start_with_the_speed_settings():
-    """A program entry re-executes itself once with glibc's huge-page malloc tunable and XLA's AVX-512 flag."""
+    """A program entry re-executes itself once with glibc's huge-page malloc tunable, XLA's AVX-512 flag and
+    the allocator wrapper (unless another LD_PRELOAD is set)."""
     import os
     import subprocess
     import sys

@@ -203,6 +203,11 @@ def _batch_moments(red: ReplicaSum, nraw: Array) -> tuple[Array, Array]:
     return moments(red, nraw)[1:]
 
 
+def _train_head(red: ReplicaSum, eps: float):
+    """`_head` with the batch's moments (summed over replicas by `red`), as training runs it."""
+    return partial(_head, partial(_batch_moments, red), eps)
+
+
 def _head(moments, eps: float, nraw: Array, s: Array, g2: Array, b2: Array):
     """The neighbour scores' BatchNorm (moments from `moments(nraw)`) and the attention softmax."""
     m2, v2 = moments(nraw)
@@ -221,14 +226,14 @@ def _edge_passes(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
     The sums over a jet's F features or k edges run as small matrix products, which XLA's CPU
     backend ran 1.5-2.7x faster than the same sums in an elementwise loop (docs/BENCHMARKS.md).
     """
-    head = partial(_head, partial(_batch_moments, red), eps)
+    head = _train_head(red, eps)
     return _forward(head, c, *_per_point(u, alpha, beta), idx, s, w_n, b_n, g2, b2)[0]
 
 
 def _edge_passes_fwd(red, eps, c, u, idx, s, alpha, beta, w_n, b_n, g2, b2):
     # a and b are kept, so the backward pass recomputes exactly the forward's y from them
     a, b = _per_point(u, alpha, beta)
-    head = partial(_head, partial(_batch_moments, red), eps)
+    head = _train_head(red, eps)
     out, (nraw, ties, coefs) = _forward(head, c, a, b, idx, s, w_n, b_n, g2, b2, with_ties=True)
     return out, (u, a, b, idx, s, alpha, w_n, g2, b2, nraw, out[1], ties, coefs)
 
@@ -263,7 +268,7 @@ def _forward(head, c, a, b, idx, s, w_n, b_n, g2, b2, with_ties=False):
 
 def _edge_passes_bwd(red, eps, c, res, cot):
     u, a, b, idx, s, alpha, w_n, g2, b2, nraw, gmax, ties, coefs = res
-    head = partial(_head, partial(_batch_moments, red), eps)
+    head = _train_head(red, eps)
     d_att, d_gmax, d_moments = cot
     B, N, F = u.shape
     split = partial(_chunks, c)
