@@ -66,6 +66,46 @@ def test_train_is_reproducible_and_resume_is_exact(toy_small, single_run, tmp_pa
     assert np.array_equal(a, c) and meta_a["step"] == meta_c["step"]
 
 
+def test_param_ema_averages_the_joint_phase_and_is_what_is_scored(toy_small, single_run, tmp_path):
+    """train.param_ema switched on when resuming single_run's run at the k-means epoch: training itself is
+    unchanged (the same final parameters), the average follows its recursion only in the joint phase, and
+    the test scores and `ucluster evaluate` use the average."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from ucluster_jax.evaluate import evaluate, load_run
+    from ucluster_jax.train.step import make_train_step
+
+    run = tmp_path / "ema"
+    shutil.copytree(single_run / "checkpoints", run / "checkpoints",
+                    ignore=lambda d, names: [n for n in names if not n.startswith("ckpt-0000000024.")])
+    cfg = load_config("configs/demo.yaml", TINY + ["train.param_ema=0.9"])
+    train(cfg, toy_small[0], run, test_data=toy_small[1], resume=True)  # a checkpoint without an average
+    a, _ = final_params(single_run)
+    state, _ = checkpoint.load_latest(run, create_state(cfg))
+    assert np.array_equal(ravel_pytree(jax.device_get(state.params))[0], a)
+    ema = np.asarray(ravel_pytree(jax.device_get(state.ema_params))[0])
+    assert ema.shape == a.shape and not np.allclose(ema, a, rtol=0, atol=1e-7)
+    scored = load_run(run)[1]
+    assert np.array_equal(ravel_pytree(jax.device_get(scored.params))[0], ema)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = evaluate(run, toy_small[1], tmp_path / "eval", plots_too=False)
+    assert summary["accuracy_global"] == pytest.approx(last["test_acc"], abs=1e-9)
+    # read without the option, the checkpoint drops the average
+    assert checkpoint.load_latest(run, create_state(load_config("configs/demo.yaml", TINY)))[0].ema_params is None
+
+    step = jax.jit(make_train_step(cfg))
+    batch = {"x": jnp.asarray(np.random.default_rng(0).normal(size=(64, 30, 8)), jnp.float32),
+             "target": jnp.zeros(64, jnp.int32), "label": jnp.zeros(64, jnp.int32)}
+    flat = lambda tree: np.asarray(ravel_pytree(jax.device_get(tree))[0])  # noqa: E731
+    for weight in (0.0, 1.0):  # pre-training: the average is the parameters; joint phase: 0.9 old + 0.1 new
+        s0 = state.replace(cluster_weight=jnp.float32(weight))
+        s1, _ = step(s0, batch)
+        want = flat(s1.params) if weight == 0 else 0.9 * flat(s0.ema_params) + 0.1 * flat(s1.params)
+        np.testing.assert_allclose(flat(s1.ema_params), want, rtol=1e-6, atol=1e-7)
+
+
 def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
     """TINY: 12 steps of 64 per epoch, 2 focal-only epochs; every 256 samples is every 4th step."""
     rows = [json.loads(line) for line in (single_run / "curve.jsonl").read_text().splitlines()]

@@ -7,6 +7,7 @@ never by listing order; a corrupt newest file is reported and the previous one u
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -97,7 +98,13 @@ def load_latest(run_dir: Path, template: Any, check: Callable[[Path, dict[str, A
 
 
 def restore(blob: bytes, template: Any, path: Path) -> Any:
+    """`template` filled from the checkpoint's bytes. The parameters' moving average (train.param_ema) may be
+    switched on or off across a resume: it starts at the checkpoint's parameters, or is dropped."""
     try:
-        return serialization.from_bytes(template, blob)
+        raw = serialization.msgpack_restore(blob)
+        want = serialization.to_state_dict(template)
+        if isinstance(raw, dict) and isinstance(want, dict) and "ema_params" in want:
+            raw["ema_params"] = None if want["ema_params"] is None else (raw.get("ema_params") or copy.deepcopy(raw["params"]))
+        return serialization.from_state_dict(template, raw)
     except Exception as e:  # msgpack / structure mismatch
         raise CheckpointError(f"{path}: does not match the model of this config ({e})") from None

@@ -83,6 +83,10 @@ class TrainConfig:
     lr_min: float = 1e-5
     joint_learning_rate: float = 0.0  # > 0: lr of the first joint epoch (0: the schedule goes on, as the original)
     joint_lr_decay: float = 1.0  # joint_learning_rate x this per joint epoch, floored at lr_min
+    # > 0: the joint phase also keeps an exponential moving average of the parameters (this decay per
+    # step; the centroids included), and test scores, `ucluster evaluate` and the latent figures use it.
+    # 0: the parameters as trained, as the original
+    param_ema: float = 0.0
     lr_scaling: str = "global"  # "global" (same schedule as one process) or "linear" (x world, warm-up)
     lr_warmup_samples: int = 0  # used with lr_scaling="linear"
     bn_decay_init: float = 0.5
@@ -282,6 +286,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_every_samples", t.eval_every_samples >= 0, ">= 0 (0: at epoch ends only)"),
         ("train.joint_learning_rate", t.joint_learning_rate >= 0, ">= 0 (0: the schedule)"),
         ("train.joint_lr_decay", 0 < t.joint_lr_decay <= 1, "in (0, 1]"),
+        ("train.param_ema", 0 <= t.param_ema < 1, "in [0, 1)"),
         ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),
     ]
     for key, ok, need in rules:

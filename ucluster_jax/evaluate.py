@@ -21,18 +21,19 @@ from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import UserError
 from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import setup
-from ucluster_jax.train.state import create_state
+from ucluster_jax.train.state import create_state, scored
 
 
 def load_run(run_dir: Path) -> tuple[Config, Any, dict]:
-    """The run's config and its newest intact checkpoint (host state)."""
+    """The run's config and its newest intact checkpoint (host state), with the parameters that are
+    scored: their moving average where the run kept one (train.param_ema)."""
     run_dir = Path(run_dir)
     try:
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     except FileNotFoundError:
         raise UserError(f"{run_dir}: not a run directory (no config.json)") from None
     state, meta = checkpoint.load_latest(run_dir, create_state(cfg))
-    return cfg, state, meta
+    return cfg, scored(state), meta
 
 
 def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True) -> dict[str, Any]:

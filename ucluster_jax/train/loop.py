@@ -28,7 +28,7 @@ from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
 from ucluster_jax.train.scoring import format_start, init_centroids, latent_sample, score_point
-from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase
+from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase, scored, with_params
 
 
 def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
@@ -150,7 +150,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             start = None
             if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
                 mu, start = init_centroids(rt, cfg, host, ds)
-                host = host.replace(params={**host.params, "mu": jnp.asarray(mu)})
+                host = with_params(host, {**host.params, "mu": jnp.asarray(mu)})
                 if rt.is_root:
                     print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}\n"
                           f"start: {format_start(start)}", flush=True)
@@ -188,8 +188,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             every = t.tensorboard_latent_every
             if log.events is not None and every and epoch >= t.pretrain_epochs and (epoch + 1) % every == 0:
                 # rank 0 only (log.events), on its own jets
-                z, cluster, label = latent_sample(rt, cfg, host, ds if test_ds is None else test_ds)
-                log.events.latent(z, cluster, label, np.asarray(host.params["mu"]), ds.meta.class_names, epoch)
+                z, cluster, label = latent_sample(rt, cfg, scored(host), ds if test_ds is None else test_ds)
+                log.events.latent(z, cluster, label, np.asarray(scored(host).params["mu"]), ds.meta.class_names, epoch)
             if on_epoch is not None:
                 on_epoch(rec)
     finally:

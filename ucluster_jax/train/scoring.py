@@ -17,7 +17,7 @@ from ucluster_jax.metrics import contingency_np, matched_accuracy, split_alignme
 from ucluster_jax.model.networks import centroid_distances
 from ucluster_jax.parallel.runtime import Runtime
 from ucluster_jax.train.kmeans import kmeans
-from ucluster_jax.train.state import TrainState
+from ucluster_jax.train.state import TrainState, scored
 from ucluster_jax.train.step import make_eval_fn
 
 
@@ -112,8 +112,9 @@ def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDatase
 
 def score_point(rt: Runtime, cfg: Config, ds: ParquetDataset, point: Callable[[dict], None], host: TrainState, *,
                 epoch: int, alpha: float, joint_start: int) -> dict:
-    """Score the test split now and hand the point of the accuracy-vs-joint-samples curve to `point`."""
-    rec = evaluate_split(rt, cfg, host, ds, alpha=alpha, prefix="test")
+    """Score the test split now (with the parameters' moving average where one is kept) and hand the point
+    of the accuracy-vs-joint-samples curve to `point`."""
+    rec = evaluate_split(rt, cfg, scored(host), ds, alpha=alpha, prefix="test")
     seen = int(host.samples_seen)
     point({"epoch": epoch, "step": int(host.step), "samples_seen": seen, "joint_samples": seen - joint_start, **rec})
     return rec

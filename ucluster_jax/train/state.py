@@ -56,6 +56,7 @@ class TrainState:
     joint_lr: Array  # > 0: this epoch's joint-phase learning rate (train.joint_learning_rate); 0: the schedule
     nonfinite_steps: Array  # updates skipped because the loss or gradients were not finite
     first_nonfinite_step: Array  # -1 if none
+    ema_params: Any = None  # with train.param_ema: the parameters' moving average over the joint phase
 
 
 def create_state(cfg: Config) -> TrainState:
@@ -66,7 +67,23 @@ def create_state(cfg: Config) -> TrainState:
         step=i32(0), samples_seen=i32(0), params=params, batch_stats=variables["batch_stats"],
         opt_state=tf1_adam().init(params), alpha=jnp.float32(0.0), cluster_weight=jnp.float32(0.0),
         joint_lr=jnp.float32(0.0),
-        nonfinite_steps=i32(0), first_nonfinite_step=i32(-1))
+        nonfinite_steps=i32(0), first_nonfinite_step=i32(-1),
+        ema_params=_copy(params) if cfg.train.param_ema > 0 else None)
+
+
+def with_params(state: TrainState, params: Any) -> TrainState:
+    """`state` with new parameters (the placed centroids); the moving average, where kept, restarts there."""
+    return state.replace(params=params, ema_params=None if state.ema_params is None else _copy(params))
+
+
+def _copy(tree: Any) -> Any:
+    """Arrays of their own: the step donates the state, and a buffer may not be donated twice."""
+    return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def scored(state: TrainState) -> TrainState:
+    """The state whose parameters are scored and clustered with: the moving average where one is kept."""
+    return state if state.ema_params is None else state.replace(params=state.ema_params)
 
 
 def phase(cfg: Config, epoch: int) -> tuple[float, float, float]:

@@ -117,10 +117,15 @@ def make_apply_fn(cfg: Config, *, world: int = 1, with_grads: bool = False):
         updates, opt_state = adam.update(grads, state.opt_state)
         params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params = keep(params, state.params)
+        ema = state.ema_params
+        if ema is not None:  # pre-training (no clustering weight yet): the average is the parameters
+            d = jnp.where(state.cluster_weight > 0, cfg.train.param_ema, 0.0)
+            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         new_state = state.replace(
             step=state.step + finite.astype(jnp.int32),
             samples_seen=state.samples_seen + jnp.where(finite, local_batch * world, 0).astype(jnp.int32),
-            params=keep(params, state.params), batch_stats=keep(new_stats, state.batch_stats),
+            params=params, batch_stats=keep(new_stats, state.batch_stats), ema_params=ema,
             opt_state=keep(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             first_nonfinite_step=jnp.where((~finite) & (state.first_nonfinite_step < 0),
