@@ -176,14 +176,14 @@ def _load_epoch(run: Path, epoch: int | None):
 
 def _epoch_ends(run: Path, cfg):
     """(sidecar, restore) of every checkpoint written at an epoch's end (mid-epoch ones skipped), oldest
-    first; restore() reads the state only when called."""
+    first; restore() reads the state only when called, with the parameters that are scored (`scored`)."""
     from ucluster_jax import checkpoint
-    from ucluster_jax.train.state import create_state
+    from ucluster_jax.train.state import create_state, scored
 
     for p in checkpoint.list_checkpoints(run):
         blob, m = checkpoint.read_verified(p)
         if m.get("next", [0, 0])[1] == 0:
-            yield m, lambda blob=blob, p=p: checkpoint.restore(blob, create_state(cfg), p)
+            yield m, lambda blob=blob, p=p: scored(checkpoint.restore(blob, create_state(cfg), p))
 
 
 def _distances(mu: np.ndarray) -> np.ndarray:

@@ -104,7 +104,8 @@ def restore(blob: bytes, template: Any, path: Path) -> Any:
         raw = serialization.msgpack_restore(blob)
         want = serialization.to_state_dict(template)
         if isinstance(raw, dict) and isinstance(want, dict) and "ema_params" in want:
-            raw["ema_params"] = None if want["ema_params"] is None else (raw.get("ema_params") or copy.deepcopy(raw["params"]))
+            kept = raw.get("ema_params") or copy.deepcopy(raw["params"])
+            raw["ema_params"] = None if want["ema_params"] is None else kept
         return serialization.from_state_dict(template, raw)
     except Exception as e:  # msgpack / structure mismatch
         raise CheckpointError(f"{path}: does not match the model of this config ({e})") from None

@@ -188,8 +188,9 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             every = t.tensorboard_latent_every
             if log.events is not None and every and epoch >= t.pretrain_epochs and (epoch + 1) % every == 0:
                 # rank 0 only (log.events), on its own jets
-                z, cluster, label = latent_sample(rt, cfg, scored(host), ds if test_ds is None else test_ds)
-                log.events.latent(z, cluster, label, np.asarray(scored(host).params["mu"]), ds.meta.class_names, epoch)
+                shown = scored(host)
+                z, cluster, label = latent_sample(rt, cfg, shown, ds if test_ds is None else test_ds)
+                log.events.latent(z, cluster, label, np.asarray(shown.params["mu"]), ds.meta.class_names, epoch)
             if on_epoch is not None:
                 on_epoch(rec)
     finally:

@@ -76,14 +76,14 @@ def with_params(state: TrainState, params: Any) -> TrainState:
     return state.replace(params=params, ema_params=None if state.ema_params is None else _copy(params))
 
 
-def _copy(tree: Any) -> Any:
-    """Arrays of their own: the step donates the state, and a buffer may not be donated twice."""
-    return jax.tree_util.tree_map(jnp.array, tree)
-
-
 def scored(state: TrainState) -> TrainState:
     """The state whose parameters are scored and clustered with: the moving average where one is kept."""
     return state if state.ema_params is None else state.replace(params=state.ema_params)
+
+
+def _copy(tree: Any) -> Any:
+    """Arrays of their own: the step donates the state, and a buffer may not be donated twice."""
+    return jax.tree_util.tree_map(jnp.array, tree)
 
 
 def phase(cfg: Config, epoch: int) -> tuple[float, float, float]:
