@@ -7,7 +7,7 @@
     python scripts/baselines.py embed --run RUN --epoch E --train TRAIN --test TEST [--train-part N] [--json OUT]
         k-means (k=3, k-means++ 10 restarts) on the 3-d embedding of the checkpoint written after
         epoch E (the last focal-only epoch), fitted on TRAIN embeddings, applied to TEST embeddings.
-    python scripts/baselines.py bn --run RUN --epoch E --train TRAIN --test TEST [--batches N] [--json OUT]
+    python scripts/baselines.py bn --run RUN (--epoch E | --step S [--raw]) --train TRAIN --test TEST [--batches N] [--json OUT]
         the test accuracy of the checkpoint of epoch E with its moving-average BatchNorm statistics (what
         `evaluate` uses), with statistics recomputed over N training batches (precise BN), and the
         distances between its centroids.
@@ -174,6 +174,22 @@ def _load_epoch(run: Path, epoch: int | None):
     raise SystemExit(f"{run}: no checkpoint of epoch {epoch} (train with --set train.keep_checkpoints=50)")
 
 
+def _load_step(run: Path, step: int, raw: bool):
+    """The checkpoint of `step` (mid-epoch ones too: --checkpoint-every-steps); `raw`: the parameters as
+    trained, where the run also kept their average (train.param_ema)."""
+    from ucluster_jax import checkpoint
+    from ucluster_jax.evaluate import load_run
+    from ucluster_jax.train.state import create_state, scored
+
+    cfg = load_run(run)[0]
+    path = Path(run) / "checkpoints" / f"ckpt-{step:010d}.msgpack"
+    if not path.exists():
+        raise SystemExit(f"{path}: no such checkpoint")
+    blob, meta = checkpoint.read_verified(path)
+    state = checkpoint.restore(blob, create_state(cfg), path)
+    return cfg, state if raw else scored(state), meta
+
+
 def _epoch_ends(run: Path, cfg):
     """(sidecar, restore) of every checkpoint written at an epoch's end (mid-epoch ones skipped), oldest
     first; restore() reads the state only when called, with the parameters that are scored (`scored`)."""
@@ -226,7 +242,7 @@ def cmd_bn(a: argparse.Namespace) -> dict:
     from ucluster_jax.parallel.runtime import setup
     from ucluster_jax.train.scoring import embed
 
-    cfg, state, meta = _load_epoch(a.run, a.epoch)
+    cfg, state, meta = _load_epoch(a.run, a.epoch) if a.step is None else _load_step(a.run, a.step, a.raw)
     rt = setup("single")
     test = ParquetDataset(a.test)
 
@@ -246,7 +262,8 @@ def cmd_bn(a: argparse.Namespace) -> dict:
         n += 1
     precise = state.replace(batch_stats=jax.tree_util.tree_map(lambda v: v / n, total))
     mu = np.asarray(state.params["mu"], np.float64)
-    return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy_moving_average_bn": accuracy(state),
+    return {"run": str(a.run), "epoch": int(meta["epoch"]), "step": int(meta["step"]), "raw": bool(a.raw),
+            "accuracy_moving_average_bn": accuracy(state),
             "accuracy_precise_bn": accuracy(precise), "precise_bn_batches": n,
             "centroid_distances": _distances(mu).round(4).tolist(),
             "centroids": mu.round(4).tolist()}
@@ -431,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--test", type=Path, required=True)
     s = sub.add_parser("bn")
     s.add_argument("--run", type=Path, required=True)
-    s.add_argument("--epoch", type=int, required=True)
+    s.add_argument("--epoch", type=int)
+    s.add_argument("--step", type=int, help="instead of --epoch: the checkpoint of this step")
+    s.add_argument("--raw", action="store_true", help="with --step: the parameters as trained, not their average")
     s.add_argument("--train", type=Path, required=True)
     s.add_argument("--test", type=Path, required=True)
     s.add_argument("--batches", type=int, default=100, help="training batches for the precise statistics")
