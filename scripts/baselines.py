@@ -41,6 +41,7 @@ All accuracies are global over the test set; clusterings use the Hungarian-match
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from itertools import islice
@@ -177,29 +178,33 @@ def _load_epoch(run: Path, epoch: int | None):
 def _load_step(run: Path, step: int, raw: bool):
     """The checkpoint of `step` (mid-epoch ones too: --checkpoint-every-steps); `raw`: the parameters as
     trained, where the run also kept their average (train.param_ema)."""
-    from ucluster_jax import checkpoint
     from ucluster_jax.evaluate import load_run
-    from ucluster_jax.train.state import create_state, scored
 
     cfg = load_run(run)[0]
-    path = Path(run) / "checkpoints" / f"ckpt-{step:010d}.msgpack"
-    if not path.exists():
-        raise SystemExit(f"{path}: no such checkpoint")
-    blob, meta = checkpoint.read_verified(path)
-    state = checkpoint.restore(blob, create_state(cfg), path)
-    return cfg, state if raw else scored(state), meta
+    for m, restore in _checkpoints(run, cfg, raw=raw):
+        if int(m["step"]) == step:
+            return cfg, restore(), m
+    raise SystemExit(f"{run}: no checkpoint of step {step}")
 
 
-def _epoch_ends(run: Path, cfg):
-    """(sidecar, restore) of every checkpoint written at an epoch's end (mid-epoch ones skipped), oldest
-    first; restore() reads the state only when called, with the parameters that are scored (`scored`)."""
+def _checkpoints(run: Path, cfg, raw: bool = False):
+    """(sidecar, restore) of every checkpoint, oldest first; restore() reads the state only when called, with
+    the parameters that are scored (`scored`) or, `raw`, as trained."""
     from ucluster_jax import checkpoint
     from ucluster_jax.train.state import create_state, scored
+
+    def restore(blob: bytes, path: Path):
+        state = checkpoint.restore(blob, create_state(cfg), path)
+        return state if raw else scored(state)
 
     for p in checkpoint.list_checkpoints(run):
         blob, m = checkpoint.read_verified(p)
-        if m.get("next", [0, 0])[1] == 0:
-            yield m, lambda blob=blob, p=p: scored(checkpoint.restore(blob, create_state(cfg), p))
+        yield m, functools.partial(restore, blob, p)
+
+
+def _epoch_ends(run: Path, cfg):
+    """_checkpoints written at an epoch's end (mid-epoch ones skipped)."""
+    return ((m, restore) for m, restore in _checkpoints(run, cfg) if m.get("next", [0, 0])[1] == 0)
 
 
 def _distances(mu: np.ndarray) -> np.ndarray:

@@ -30,10 +30,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     from ucluster_jax.config import load_config
     from ucluster_jax.data.reader import ParquetDataset
     from ucluster_jax.parallel.runtime import setup
+    from ucluster_jax.train.loop import epoch_batches
     from ucluster_jax.train.state import create_state
 
     cfg = load_config(a.config, a.overrides)
-    t = cfg.train
     rt = setup(a.engine, num_devices=a.devices)
     ds = ParquetDataset(a.data, rank=rt.rank, world=rt.world)
     host = create_state(cfg)
@@ -45,9 +45,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         host = host.replace(params=unravel(jax.numpy.asarray(flat)))
     state, step = rt.put_state(host), rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     losses, params = [], {}
-    batches = ds.batches(t.batch_size, lanes=t.data_lanes, seed=t.seed, epoch=0, shuffle=t.shuffle,
-                         buffer_row_groups=t.shuffle_buffer_row_groups)
-    for i, b in zip(range(a.steps), batches):
+    for i, b in zip(range(a.steps), epoch_batches(cfg, ds, 0)):
         state, m = step(state, rt.put_batch(b))
         m = rt.step_metrics(m)
         losses.append(float(rt.sum(np.asarray(jax.device_get(m["loss"]), np.float64)[None])[0]) / rt.replicas)

@@ -7,7 +7,6 @@ never by listing order; a corrupt newest file is reported and the previous one u
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -98,14 +97,8 @@ def load_latest(run_dir: Path, template: Any, check: Callable[[Path, dict[str, A
 
 
 def restore(blob: bytes, template: Any, path: Path) -> Any:
-    """`template` filled from the checkpoint's bytes. The parameters' moving average (train.param_ema) may be
-    switched on or off across a resume: it starts at the checkpoint's parameters, or is dropped."""
+    """`template` filled from the checkpoint's bytes."""
     try:
-        raw = serialization.msgpack_restore(blob)
-        want = serialization.to_state_dict(template)
-        if isinstance(raw, dict) and isinstance(want, dict) and "ema_params" in want:
-            kept = raw.get("ema_params") or copy.deepcopy(raw["params"])
-            raw["ema_params"] = None if want["ema_params"] is None else kept
-        return serialization.from_state_dict(template, raw)
+        return serialization.from_bytes(template, blob)
     except Exception as e:  # msgpack / structure mismatch
         raise CheckpointError(f"{path}: does not match the model of this config ({e})") from None

@@ -76,6 +76,9 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 200
     pretrain_epochs: int = 21  # epochs 0..20 focal only; k-means after epoch 20 (committed script: 11)
+    # > 1: pre-train seeds seed..seed+N-1, go on with the one whose k-means start splits W from Z along the
+    # jet mass most closely (train/candidates.py); 1: the one seed, as the original
+    pretrain_candidates: int = 1
     batch_size: int = 512  # global batch, over all ranks and devices
     learning_rate: float = 1e-3
     lr_decay_samples: int = 500_000
@@ -261,6 +264,9 @@ def validate(cfg: Config) -> None:
          "two masses in GeV, 0 <= low < high"),
         ("train.epochs", t.epochs > 0, "> 0"),
         ("train.pretrain_epochs", 0 <= t.pretrain_epochs <= t.epochs, f"in 0..train.epochs ({t.epochs})"),
+        ("train.pretrain_candidates", t.pretrain_candidates >= 1, ">= 1"),
+        ("train.pretrain_candidates", t.pretrain_candidates == 1 or 0 < t.pretrain_epochs < t.epochs,
+         "1 unless there are both pre-training and joint epochs"),
         ("train.batch_size", t.batch_size > 0, "> 0"),
         ("train.eval_batch_size", t.eval_batch_size > 0, "> 0"),
         ("train.learning_rate", t.learning_rate > 0, "> 0"),

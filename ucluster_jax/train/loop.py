@@ -27,6 +27,7 @@ from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
+from ucluster_jax.train import candidates
 from ucluster_jax.train.scoring import format_start, init_centroids, latent_sample, score_point
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase, scored, with_params
 
@@ -70,6 +71,13 @@ class Logger:
         test = "" if rec.get("test_acc") is None else f" test acc {rec['test_acc']:.4f}"
         print(f"epoch {rec['epoch']:3d} loss {rec['loss']:.5f} (focal {rec['focal']:.5f} kmeans {rec['kmeans']:.5f})"
               f"{acc}{test} lr {rec['lr']:.2e} alpha {rec['alpha']:g} {rec['jets_per_s']:,.0f} jets/s", flush=True)
+
+    def replay(self, rec: dict[str, Any]) -> None:
+        """An epoch record made elsewhere (a pre-training candidate's), written as `epoch` writes one."""
+        if self.enabled:
+            self._append(self.path, rec)
+        if self.events is not None:
+            self.events.epoch(rec)
 
     def point(self, rec: dict[str, Any]) -> None:
         """One point of the test curve against joint-phase samples (RUN/curve.jsonl)."""
@@ -119,6 +127,12 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     if rt.is_root and warning:
         print(warning, file=sys.stderr, flush=True)
     out = Path(out)
+    made = None  # (state, mu, start) of the chosen pre-training candidate, when chosen now
+    if t.pretrain_candidates > 1:
+        seed, made = candidates.choose(rt, cfg, data, out, ds, resume=resume, train_fn=train, load_fn=resume_state)
+        cfg = candidates.with_seed(cfg, seed)  # the run goes on as the seed-`seed` run
+        t = cfg.train
+        resume = resume and made is None
     if rt.is_root:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
@@ -127,6 +141,8 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     start_epoch, start_step = 0, 0
     if resume:
         host, start_epoch, start_step = resume_state(rt, cfg, out, host)
+    elif made is not None:
+        host, start_epoch = made[0], t.pretrain_epochs
     state = rt.put_state(host)
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
     step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
@@ -144,12 +160,17 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                             meta={"epoch": epoch, "next": [next_epoch, next_step], "config": cfg.to_dict(),
                                   "world": rt.world, "replicas": rt.replicas, "engine": rt.engine.name})
 
+    if made is not None:  # the run's records and checkpoints start with the chosen candidate's
+        for r in candidates.pretraining_records(out, t.seed) if rt.is_root else []:
+            log.replay(r)
+        save(host, t.pretrain_epochs - 1, t.pretrain_epochs, 0)
+
     try:
         for epoch in range(start_epoch, t.epochs):
             first = start_step if epoch == start_epoch else 0  # `host`: the state, as placed or last fetched
             start = None
             if epoch == t.pretrain_epochs and first == 0:  # resumed mid-epoch: the centroids are in the state
-                mu, start = init_centroids(rt, cfg, host, ds)
+                mu, start = made[1:] if made is not None else init_centroids(rt, cfg, host, ds)
                 host = with_params(host, {**host.params, "mu": jnp.asarray(mu)})
                 if rt.is_root:
                     print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}\n"
@@ -211,8 +232,7 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
     bar = Progress((steps - start_step) * t.batch_size, "jets", f"epoch {epoch}", enabled=rt.is_root)
     sums = None
     per_batch = []
-    batches = ds.batches(t.batch_size, lanes=t.data_lanes, seed=t.seed, epoch=epoch, shuffle=t.shuffle,
-                         buffer_row_groups=t.shuffle_buffer_row_groups, start_step=start_step)
+    batches = epoch_batches(cfg, ds, epoch, start_step)
     n = 0
     for batch in prefetch(batches, rt.put_batch):
         state, m = step_fn(state, batch)
@@ -246,6 +266,13 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         rec["train_acc"] = matched_accuracy(cont.sum(0))[0]
         rec["train_acc_per_batch"] = per_batch_accuracy(cont)
     return state, rec
+
+
+def epoch_batches(cfg: Config, ds: ParquetDataset, epoch: int, start_step: int = 0):
+    """This rank's batches of an epoch from `start_step`, as training reads them."""
+    t = cfg.train
+    return ds.batches(t.batch_size, lanes=t.data_lanes, seed=t.seed, epoch=epoch, shuffle=t.shuffle,
+                      buffer_row_groups=t.shuffle_buffer_row_groups, start_step=start_step)
 
 
 def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> tuple[TrainState, int, int]:

@@ -1,12 +1,14 @@
 """Training state in one pytree, the original's Adam, and the samples-seen schedules."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import serialization, struct
 
 from ucluster_jax.config import Config, TrainConfig
 from ucluster_jax.model.networks import init_variables
@@ -57,6 +59,26 @@ class TrainState:
     nonfinite_steps: Array  # updates skipped because the loss or gradients were not finite
     first_nonfinite_step: Array  # -1 if none
     ema_params: Any = None  # with train.param_ema: the parameters' moving average over the joint phase
+
+
+def _to_state_dict(state: TrainState) -> dict[str, Any]:
+    return {f.name: serialization.to_state_dict(getattr(state, f.name)) for f in dataclasses.fields(TrainState)}
+
+
+def _from_state_dict(target: TrainState, saved: dict[str, Any]) -> TrainState:
+    """Checkpoints restore whether or not they kept the parameters' moving average: train.param_ema may be
+    switched on or off across a resume (the average then starts at the checkpoint's parameters, or is
+    dropped)."""
+    saved = dict(saved)
+    kept = saved.get("ema_params") or copy.deepcopy(saved["params"])
+    saved["ema_params"] = None if target.ema_params is None else kept
+    names = [f.name for f in dataclasses.fields(TrainState)]
+    if set(saved) != set(names):
+        raise ValueError(f"state fields {sorted(saved)}, expected {sorted(names)}")
+    return target.replace(**{n: serialization.from_state_dict(getattr(target, n), saved[n], name=n) for n in names})
+
+
+serialization.register_serialization_state(TrainState, _to_state_dict, _from_state_dict, override=True)
 
 
 def create_state(cfg: Config) -> TrainState:
