@@ -245,6 +245,7 @@ def test_pretrain_candidates_go_on_as_the_seed_whose_start_follows_the_mass(toy_
 
     alone = tmp_path / "alone"
     train(load_config("configs/demo.yaml", TINY + [f"train.seed={seed}"]), train_dir, alone, test_data=test_dir)
+
     def records(run):
         return [{k: v for k, v in json.loads(line).items() if k != "jets_per_s"}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
