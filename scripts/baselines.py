@@ -181,15 +181,15 @@ def _load_step(run: Path, step: int, raw: bool):
     from ucluster_jax.evaluate import load_run
 
     cfg = load_run(run)[0]
-    for m, restore in _checkpoints(run, cfg, raw=raw):
-        if int(m["step"]) == step:
-            return cfg, restore(), m
+    for m, restore in _checkpoints(run, cfg, raw=raw, step=step):
+        return cfg, restore(), m
     raise SystemExit(f"{run}: no checkpoint of step {step}")
 
 
-def _checkpoints(run: Path, cfg, raw: bool = False):
-    """(sidecar, restore) of every checkpoint, oldest first; restore() reads the state only when called, with
-    the parameters that are scored (`scored`) or, `raw`, as trained."""
+def _checkpoints(run: Path, cfg, raw: bool = False, step: int | None = None):
+    """(sidecar, restore) of every checkpoint (or only `step`'s, found by its file name), oldest first;
+    restore() reads the state only when called, with the parameters that are scored (`scored`) or, `raw`,
+    as trained."""
     from ucluster_jax import checkpoint
     from ucluster_jax.train.state import create_state, scored
 
@@ -198,6 +198,8 @@ def _checkpoints(run: Path, cfg, raw: bool = False):
         return state if raw else scored(state)
 
     for p in checkpoint.list_checkpoints(run):
+        if step is not None and p.name != f"ckpt-{step:010d}.msgpack":
+            continue
         blob, m = checkpoint.read_verified(p)
         yield m, functools.partial(restore, blob, p)
 

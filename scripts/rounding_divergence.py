@@ -3,12 +3,16 @@
 `run` trains the first STEPS steps of epoch 0 as `ucluster train` does (same batches, any engine; under
 `mpirun` too) and saves the global loss of every step and the parameters at a few steps; `--ulp` moves the
 largest weight up by one float32 ulp first, a perturbation of rounding size inside one process. `compare` prints
-each run's relative parameter distance from the first and draws it against the step.
+each run's relative parameter distance from the first and draws it against the step. `bits` prints the SHA-256
+of slices' gradients and new BN statistics from one compiled forward-backward (the program `parallel.slices`
+runs per slice), each rank its own slices: the same bits in another process needs the same cores.
 
     python scripts/rounding_divergence.py run --config configs/wztop_cpu.yaml --data TRAIN --out D/one.npz
     mpirun -np 2 python scripts/rounding_divergence.py run ... --out D/two_ranks.npz
     python scripts/rounding_divergence.py run ... --out D/one_ulp.npz --ulp
     python scripts/rounding_divergence.py compare D/one.npz D/two_ranks.npz D/one_ulp.npz --plot D/divergence.png
+    python scripts/rounding_divergence.py bits --config configs/wztop_cpu.yaml --data TEST
+    mpirun -np 2 python scripts/rounding_divergence.py bits ...      # and with --bind-to none
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         i = int(np.argmax(np.abs(flat)))  # a weight that matters (the first leaf is a bias BatchNorm cancels)
         flat[i] = np.nextafter(flat[i], np.float32(np.inf))
         host = host.replace(params=unravel(jax.numpy.asarray(flat)))
-    state, step = rt.put_state(host), rt.make_step(cfg, num_classes=len(ds.meta.class_names))
+    step = rt.make_step(cfg, num_classes=len(ds.meta.class_names))  # before placing: it sets the layout
+    state = rt.put_state(host)
     losses, params = [], {}
     for i, b in zip(range(a.steps), epoch_batches(cfg, ds, 0)):
         state, m = step(state, rt.put_batch(b))
@@ -54,6 +59,32 @@ def cmd_run(a: argparse.Namespace) -> int:
     if rt.is_root:
         np.savez(a.out, loss=np.asarray(losses), world=rt.world, replicas=rt.replicas, ulp=a.ulp, **params)
         print(f"{a.out}: {len(losses)} steps, {rt.replicas} replica(s), mean loss {np.mean(losses):.5f}")
+    return 0
+
+
+def cmd_bits(a: argparse.Namespace) -> int:
+    import hashlib
+    import os
+
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    from ucluster_jax.config import load_config
+    from ucluster_jax.data.reader import ParquetDataset
+    from ucluster_jax.parallel.mpi import launched_world
+    from ucluster_jax.train.state import create_state
+    from ucluster_jax.train.step import make_grads_fn
+
+    cfg = load_config(a.config, a.overrides)
+    rank, world = launched_world()
+    b = next(ParquetDataset(a.data).iter_all(a.slice * a.slices))
+    f, state = jax.jit(make_grads_fn(cfg)), create_state(cfg)
+    sha = lambda t: hashlib.sha256(np.asarray(ravel_pytree(jax.device_get(t))[0]).tobytes()).hexdigest()[:16]  # noqa: E731
+    for i in range(rank, a.slices, world):
+        part = {k: b[k][i * a.slice:(i + 1) * a.slice] for k in ("x", "target", "label", "mass")}
+        grads, stats, m = f(state, part)
+        print(f"slice {i} (rank {rank} of {world}, {len(os.sched_getaffinity(0))} cores): gradients {sha(grads)} "
+              f"BN statistics {sha(stats)} loss {float(m['loss']):.9g}", flush=True)
     return 0
 
 
@@ -98,11 +129,21 @@ def main() -> int:
     r.add_argument("--devices", type=int)
     r.add_argument("--ulp", action="store_true", help="the largest weight one float32 ulp up before the first step")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b = sub.add_parser("bits")
+    b.add_argument("--config", required=True)
+    b.add_argument("--data", required=True, type=Path)
+    b.add_argument("--slice", type=int, default=64, help="jets per slice")
+    b.add_argument("--slices", type=int, default=2)
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c = sub.add_parser("compare")
     c.add_argument("runs", nargs="+", help="run .npz files; the first is the reference")
     c.add_argument("--plot", type=Path)
     a = ap.parse_args()
-    return cmd_run(a) if a.cmd == "run" else cmd_compare(a)
+    if a.cmd == "bits":
+        from ucluster_jax.host_tuning import tune_process
+
+        tune_process()  # the process settings `ucluster train` runs with
+    return {"run": cmd_run, "bits": cmd_bits, "compare": cmd_compare}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ BAD = ["train.lr_decay_samples=0", "train.bn_decay_samples=0", "train.kmeans_res
        "train.learning_rate=0", "train.lr_decay_rate=0", "train.bn_decay_rate=1.5", "train.bn_decay_clip=2",
        "train.shuffle_buffer_row_groups=0", "train.keep_checkpoints=-1", "model.k=0", "model.k=101",
        "model.latent_dim=0", "model.conv1_widths=[64,0]", "model.num_clusters=0", "model.bn_epsilon=0",
-       "loss.focal_gamma=-1", "loss.mass_bins=log", "loss.mass_range=[200,30]"]
+       "loss.focal_gamma=-1", "loss.mass_bins=log", "loss.mass_range=[200,30]", "parallel.slices=-1",
+       "parallel.slices=3"]
 
 
 @pytest.mark.parametrize("override", BAD)

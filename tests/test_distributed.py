@@ -130,6 +130,41 @@ def test_resume_at_another_world_size(toy_small, single_run, tmp_path):
     assert recs[3]["step"] == 4 * (768 // 64) and recs[3]["samples_seen"] == 4 * 768
 
 
+def test_fixed_slices_give_one_process_and_two_ranks_the_same_bits(toy_small, tmp_path):
+    """parallel.slices=2: `ucluster train` in one process and under mpirun -np 2 (each rank seeing the
+    same cores) write bit-identical checkpoints and the same losses and accuracies (issue #18)."""
+    sets = [a for s in TINY + ["parallel.slices=2"] for a in ("--set", s)]
+    args = ["-m", "ucluster_jax.cli", "train", "--config", "configs/demo.yaml", "--data", str(toy_small[0]),
+            "--test-data", str(toy_small[1]), *sets]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = mpirun(2, "--bind-to", "none", sys.executable, *args, "--out", str(tmp_path / "two"), timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def ran(run):
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "jets_per_s"} for r in recs]
+
+    assert ran(tmp_path / "one") == ran(tmp_path / "two")
+    assert len(ran(tmp_path / "one")) == 3 and ran(tmp_path / "one")[-1]["test_acc"] is not None
+    ckpts = [sorted((tmp_path / r / "checkpoints").glob("*.msgpack")) for r in ("one", "two")]
+    assert [p.name for p in ckpts[0]] == [p.name for p in ckpts[1]] and ckpts[0]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*ckpts))
+    meta = json.loads(ckpts[1][-1].with_suffix(".json").read_text())
+    assert meta["world"] == 2 and meta["replicas"] == 2
+
+
+def test_fixed_slices_need_one_device_per_process_and_a_dividing_world():
+    from ucluster_jax.config import load_config
+    from ucluster_jax.errors import UserError
+    from ucluster_jax.parallel.runtime import setup
+
+    rt = setup("local", num_devices=2)
+    with pytest.raises(UserError, match="parallel.slices=2 needs engine single or mpi"):
+        rt.configure(load_config(None, ["parallel.slices=2"]))
+
+
 def test_missing_mpi4jax_says_how_to_install_it(monkeypatch):
     from ucluster_jax.errors import UserError
     from ucluster_jax.parallel.runtime import setup

@@ -119,6 +119,11 @@ class ParallelConfig:
     # batch, a step needs only the gradient allreduce, and the moving averages are averaged over the
     # replicas whenever the state leaves the devices (checkpoints, scoring, each epoch's start).
     sync_bn: bool = True
+    # > 0: every global batch is computed as this many fixed slices (each normalised with its own BN
+    # moments, as sync_bn false), whatever the number of processes: one process runs them one after
+    # another, R ranks (R dividing it) slices/R each, and the same update combines them. A run then has
+    # the same bits in one process and under mpirun (same cores per process; docs/DATA.md, "Fixed slices").
+    slices: int = 0
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,8 @@ def validate(cfg: Config) -> None:
         ("train.joint_lr_decay", 0 < t.joint_lr_decay <= 1, "in (0, 1]"),
         ("train.param_ema", 0 <= t.param_ema < 1, "in [0, 1)"),
         ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),
+        ("parallel.slices", cfg.parallel.slices >= 0 and t.batch_size % max(cfg.parallel.slices, 1) == 0,
+         f">= 0 (0: off) and divide train.batch_size ({t.batch_size})"),
     ]
     for key, ok, need in rules:
         if not ok:

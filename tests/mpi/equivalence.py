@@ -36,9 +36,9 @@ def main(engine: str, out: str, devices: int | None, overrides: list[str]) -> No
     mu = np.random.default_rng(7).normal(size=(3, 3)).astype(np.float32)
     host = host.replace(params={**host.params, "mu": jnp.asarray(mu)}, alpha=jnp.float32(4.0),
                         cluster_weight=jnp.float32(1.0))
+    step = rt.make_step(cfg, with_grads=True)
     state = rt.put_state(host)
     rt.check_replicas(state, "step 0")
-    step = rt.make_step(cfg, with_grads=True)
     lb = rt.local_batch(GLOBAL_BATCH)
     losses = []
     for gb in global_batches(cfg):

@@ -293,8 +293,8 @@ def bench_e2e(cfg, path: Path, *, repeats: int, log) -> dict:
     rt = setup("single")
     ds = ParquetDataset(path)
     B = cfg.train.batch_size
-    state = rt.put_state(create_state(cfg))
     step = rt.make_step(cfg)
+    state = rt.put_state(create_state(cfg))
     rates = []
     for epoch in range(1 + repeats):  # epoch 0 compiles
         with contextlib.redirect_stderr(io.StringIO()):

@@ -45,8 +45,8 @@ def worker(args: argparse.Namespace) -> int:
     data = synthetic_jets(B * rt.world, cfg.model.num_points, seed=0)
     mine = {k: v[rt.rank * B:(rt.rank + 1) * B] for k, v in data.items()}
     batch = rt.put_batch(mine)
-    box = {"state": rt.put_state(create_state(cfg))}
     step = rt.make_step(cfg)
+    box = {"state": rt.put_state(create_state(cfg))}
     steps = args.steps
     barrier = rt.comm.barrier if rt.comm else (lambda: None)
 

@@ -85,6 +85,13 @@ class MPIComm:
         parts = self.comm.gather(np.ascontiguousarray(x), root=0)
         return np.concatenate(parts) if self.rank == 0 else None
 
+    def allgather_rows(self, x: np.ndarray) -> np.ndarray:
+        """Every rank's rows (the same count on each), concatenated in rank order on every rank."""
+        x = np.ascontiguousarray(x)
+        out = np.empty((self.size * x.shape[0], *x.shape[1:]), x.dtype)
+        self.comm.Allgather(x, out)
+        return out
+
     def allgather(self, obj: Any) -> list[Any]:
         return self.comm.allgather(obj)
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ucluster_jax.config import Config
 from ucluster_jax.data.schema import CLASS_NAMES
 from ucluster_jax.errors import UserError
+from ucluster_jax.parallel import sliced
 from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum, require_mpi4jax
 from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
 
@@ -190,7 +191,8 @@ class Runtime:
     world: int = 1  # processes
     devices: list = field(default_factory=lambda: jax.local_devices()[:1])
     comm: MPIComm | None = None
-    stats_per_replica: bool = False  # each replica keeps its own BN moving averages (set by make_step)
+    stats_per_replica: bool = False  # each replica keeps its own BN moving averages (set by configure)
+    slices: int = 0  # parallel.slices (set by configure): the state holds a copy of the BN statistics per slice
 
     @property
     def num_local(self) -> int:
@@ -198,7 +200,8 @@ class Runtime:
 
     @property
     def replicas(self) -> int:
-        return self.world * self.num_local
+        """The parts a global batch is computed in: the slices where set, else processes x devices."""
+        return self.slices or self.world * self.num_local
 
     @property
     def is_root(self) -> bool:
@@ -225,12 +228,24 @@ class Runtime:
                             f"({self.world} processes x {self.num_local} devices)")
         return global_batch // self.world
 
+    def configure(self, cfg: Config) -> None:
+        """Take the config's layout of the step (BN statistics per replica, fixed slices); before placing a
+        state or making a step."""
+        S = cfg.parallel.slices
+        if S and (self.engine.name not in sliced.ENGINES or S % self.world):
+            raise UserError(f"parallel.slices={S} needs engine {' or '.join(sliced.ENGINES)} and a number of processes "
+                            f"dividing {S}; got engine {self.engine.name} with {self.world} process(es)")
+        self.slices = S
+        self.stats_per_replica = not S and not cfg.parallel.sync_bn and self.replicas > 1
+
     def make_step(self, cfg: Config, *, num_classes: int = len(CLASS_NAMES), with_grads: bool = False) -> Callable:
         """A compiled `step(state, batch) -> (state, metrics)` on this runtime's placement.
 
         `num_classes`: the dataset's classes (contingency width).
         `with_grads`: metrics["grads"] is the replica-averaged gradient the update applied."""
-        self.stats_per_replica = not cfg.parallel.sync_bn and self.replicas > 1
+        self.configure(cfg)
+        if self.slices:
+            return sliced.make_sliced_step(self, cfg, num_classes=num_classes, with_grads=with_grads)
         return self.engine.make_step(self, cfg, num_classes=num_classes, with_grads=with_grads)
 
     # ---- placement ----
@@ -240,6 +255,9 @@ class Runtime:
         return NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
 
     def put_state(self, state: Any) -> Any:
+        """A host state onto this runtime's devices, in the layout `configure` (or `make_step`) set."""
+        if self.slices:
+            state = sliced.stack_stats(state, self.slices)
         if self.replicated:
             D, sh = self.num_local, self._sharding
             return jax.tree_util.tree_map(lambda a: jax.device_put(jnp.broadcast_to(a, (D,) + jnp.shape(a)), sh), state)
@@ -249,6 +267,8 @@ class Runtime:
         """A host copy of the replicas' (identical) state; with per-replica BatchNorm statistics, their
         moving averages averaged over every replica (a collective then: every rank calls it)."""
         host = jax.device_get(first_replica(state) if self.replicated else state)
+        if self.slices:
+            return sliced.mean_stats(host)
         if not self.stats_per_replica:
             return host
         copies = (lambda a: [sh.data[0] for sh in a.addressable_shards]) if self.replicated else (lambda a: [a])

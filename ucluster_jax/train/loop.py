@@ -122,6 +122,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
     check_data(cfg, ds, data)
     test_ds = ParquetDataset(test_data, rank=rt.rank, world=rt.world) if test_data else None
+    rt.configure(cfg)
     rt.local_batch(t.batch_size)  # checks that the replicas divide the global batch
     warning = uneven_read_warning(ds, data)
     if rt.is_root and warning:
@@ -143,9 +144,9 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         host, start_epoch, start_step = resume_state(rt, cfg, out, host)
     elif made is not None:
         host, start_epoch = made[0], t.pretrain_epochs
+    step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     state = rt.put_state(host)
     rt.check_replicas(state, "start")  # same seed everywhere: check, don't assume
-    step_fn = rt.make_step(cfg, num_classes=len(ds.meta.class_names))
     steps = ds.steps_per_epoch(t.batch_size)
     log = Logger(out, rt.is_root, t.tensorboard)
     if resume:
