@@ -3,7 +3,8 @@ start splits W from Z along the jet mass.
 
 Why: the end of pre-training decides a run (docs/RESULTS.md, "What decides a run"), and over the runs
 there no start whose W|Z split followed the jet mass weakly (corr_side_mass <= 0.70) ended high, while
-most starts above it did. Each candidate is a pre-training run of its own, the seed-S run's epochs
+most starts above it did (a lead, not a law: one such start later ended at 77 %, docs/RESULTS.md, "The rule
+is broken on check10"). Each candidate is a pre-training run of its own, the seed-S run's epochs
 0..pretrain_epochs-1, in OUT/pretrain/seed_S (resumable); the joint phase then continues the chosen one
 with its seed, so the whole run is the run `--set train.seed=S` would have made.
 """
