@@ -63,15 +63,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_bits(a: argparse.Namespace) -> int:
-    import hashlib
     import os
 
     import jax
-    from jax.flatten_util import ravel_pytree
 
     from ucluster_jax.config import load_config
     from ucluster_jax.data.reader import ParquetDataset
-    from ucluster_jax.parallel.mpi import launched_world
+    from ucluster_jax.parallel.mpi import launched_world, param_checksum as sha
     from ucluster_jax.train.state import create_state
     from ucluster_jax.train.step import make_grads_fn
 
@@ -79,7 +77,6 @@ def cmd_bits(a: argparse.Namespace) -> int:
     rank, world = launched_world()
     b = next(ParquetDataset(a.data).iter_all(a.slice * a.slices))
     f, state = jax.jit(make_grads_fn(cfg)), create_state(cfg)
-    sha = lambda t: hashlib.sha256(np.asarray(ravel_pytree(jax.device_get(t))[0]).tobytes()).hexdigest()[:16]  # noqa: E731
     for i in range(rank, a.slices, world):
         part = {k: b[k][i * a.slice:(i + 1) * a.slice] for k in ("x", "target", "label", "mass")}
         grads, stats, m = f(state, part)
