@@ -32,7 +32,8 @@ def main() -> int:
         if not curve.exists():
             print(f"{curve}: no such file (train with --test-data and train.eval_every_samples)", file=sys.stderr)
             return 2
-        runs[name or Path(path).name] = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+        runs[name or Path(path).name] = [r for r in rows if "test_acc" in r]  # selection-only points have none
     original = read_log(args.original) if args.original else None
     plots.accuracy_vs_samples(runs, args.out, original)
     summary = {}

@@ -132,8 +132,10 @@ def test_resume_at_another_world_size(toy_small, single_run, tmp_path):
 
 def test_fixed_slices_give_one_process_and_two_ranks_the_same_bits(toy_small, tmp_path):
     """parallel.slices=2: `ucluster train` in one process and under mpirun -np 2 (each rank seeing the
-    same cores) write bit-identical checkpoints and the same losses and accuracies (issue #18)."""
-    sets = [a for s in TINY + ["parallel.slices=2"] for a in ("--set", s)]
+    same cores) write bit-identical checkpoints and the same losses and accuracies (issue #18), and select
+    the same state as the run's result (train.select_from_epoch: measured on rank 0, broadcast)."""
+    more = ["parallel.slices=2", "train.select_from_epoch=2", "train.eval_every_samples=256", "train.select_jets=300"]
+    sets = [a for s in TINY + more for a in ("--set", s)]
     args = ["-m", "ucluster_jax.cli", "train", "--config", "configs/demo.yaml", "--data", str(toy_small[0]),
             "--test-data", str(toy_small[1]), *sets]
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
@@ -153,6 +155,9 @@ def test_fixed_slices_give_one_process_and_two_ranks_the_same_bits(toy_small, tm
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*ckpts))
     meta = json.loads(ckpts[1][-1].with_suffix(".json").read_text())
     assert meta["world"] == 2 and meta["replicas"] == 2
+    chosen = [sorted((tmp_path / r / "selected" / "checkpoints").glob("*.msgpack")) for r in ("one", "two")]
+    assert len(chosen[0]) == 1 and chosen[0][0].name == chosen[1][0].name
+    assert chosen[0][0].read_bytes() == chosen[1][0].read_bytes()
 
 
 def test_fixed_slices_need_one_device_per_process_and_a_dividing_world():

@@ -11,7 +11,7 @@ from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
 from ucluster_jax.errors import CheckpointError
-from ucluster_jax.metrics import split_alignment
+from ucluster_jax.metrics import boundary_density, split_alignment
 from ucluster_jax.original_log import read_log
 from ucluster_jax.train.loop import train
 from ucluster_jax.train.state import create_state, learning_rate, phase
@@ -115,6 +115,68 @@ def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
     last = json.loads((single_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rows[-1]["test_acc"] == last["test_acc"] and rows[-1]["test_kmeans"] == last["test_kmeans"]
     assert all(0 < r["test_acc"] <= 1 and r["test_kmeans"] > 0 for r in rows)
+
+
+def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_scores_it(toy_small, single_run,
+                                                                                          tmp_path):
+    """single_run's joint epoch again, from its epoch-1 checkpoint, with train.select_from_epoch: training is
+    unchanged; RUN/selected holds the point with the lowest boundary density, and `evaluate` scores that state
+    (its test accuracy is the curve's at that point), or with last=True the last one. Resumed again from
+    before the choice, the run drops it and chooses the same point; resumed with the option off, it drops it."""
+    import shutil
+
+    from ucluster_jax.evaluate import evaluate
+
+    run = tmp_path / "sel"
+    keep_first = lambda d, names: [n for n in names if not n.startswith("ckpt-0000000024.")]  # noqa: E731
+    shutil.copytree(single_run / "checkpoints", run / "checkpoints", ignore=keep_first)
+    cfg = load_config("configs/demo.yaml", TINY + ["train.eval_every_samples=256", "train.select_from_epoch=2",
+                                                   "train.select_jets=300"])
+    train(cfg, toy_small[0], run, test_data=toy_small[1], resume=True)
+    assert np.array_equal(final_params(run)[0], final_params(single_run)[0])
+    rows = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    before = [json.loads(line) for line in (single_run / "curve.jsonl").read_text().splitlines()]
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in before] and len(rows) == 3
+    best = min(rows, key=lambda r: r["boundary_density"])
+    kept = checkpoint.list_checkpoints(run / "selected")
+    side = json.loads(kept[0].with_suffix(".json").read_text())
+    assert len(kept) == 1 and side["step"] == best["step"] and side["boundary_density"] == best["boundary_density"]
+    summary = evaluate(run, toy_small[1], tmp_path / "eval", plots_too=False)
+    assert summary["checkpoint_step"] == best["step"]
+    assert summary["accuracy_global"] == pytest.approx(best["test_acc"], abs=1e-9)
+    assert summary["selected_boundary_density"] == best["boundary_density"]
+    last = evaluate(run, toy_small[1], tmp_path / "eval_last", plots_too=False, last=True)
+    assert last["checkpoint_step"] == 36 and last["accuracy_global"] == pytest.approx(rows[-1]["test_acc"], abs=1e-9)
+    assert last["selected_boundary_density"] is None
+
+    for p in checkpoint.list_checkpoints(run)[1:]:  # back to the end of epoch 1: the choice lies ahead again
+        p.unlink()
+        p.with_suffix(".json").unlink()
+    train(cfg, toy_small[0], run, test_data=toy_small[1], resume=True)
+    again = checkpoint.list_checkpoints(run / "selected")
+    assert [p.name for p in again] == [kept[0].name] and again[0].read_bytes() == kept[0].read_bytes()
+    train(load_config("configs/demo.yaml", TINY), toy_small[0], run, resume=True)  # the option off: it goes
+    assert not (run / "selected").exists() and evaluate(run, toy_small[1], plots_too=False)["checkpoint_step"] == 36
+
+
+def test_boundary_density_is_low_where_the_boundary_crosses_a_dip():
+    """Two clusters along axis 0: with a gap between the two groups of points the boundary between the two
+    closer centroids is empty; through the middle of one uniform group it is crowded. The third, far
+    cluster's boundaries are not the ones measured."""
+    rng = np.random.default_rng(0)
+    far = rng.normal([10.0, 0.0], 0.1, (300, 2))
+    gap = np.concatenate([rng.uniform(-2, -0.5, (500, 1)), rng.uniform(0.5, 2, (500, 1))])
+    flat = rng.uniform(-2, 2, (1000, 1))
+    mu = np.array([[-1.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    dist = lambda z: ((z[:, None] - mu[None]) ** 2).sum(-1)  # noqa: E731
+    for line in (gap, flat):
+        z = np.concatenate([np.hstack([line, rng.normal(0, 0.1, (len(line), 1))]), far])
+        line_density = boundary_density(dist(z), mu)
+        if line is gap:
+            assert line_density == 0.0
+        else:  # uniform: 0.1 standard deviations either side of the middle hold 0.2 / sqrt(12) of the points
+            assert line_density == pytest.approx(0.2 / np.sqrt(12), abs=0.015)
+    assert np.isnan(boundary_density(dist(far), mu))  # the two close clusters hold no jets
 
 
 def test_split_alignment_tells_a_split_along_the_mass_from_one_across_it():
@@ -234,7 +296,7 @@ def test_pretrain_candidates_go_on_as_the_seed_whose_start_follows_the_mass(toy_
     goes on, and the whole run is that seed's run; a resume reads the choice back. (From seed 3 these toy
     jets chose seed 4 when this was written: the run then goes on with a seed other than the one given.)"""
     train_dir, test_dir = toy_small
-    two = TINY + ["train.seed=3", "train.pretrain_candidates=2"]
+    two = TINY + ["train.seed=3", "train.pretrain_candidates=2", "train.select_from_epoch=2"]  # candidates select not
     out = tmp_path / "two"
     train(load_config("configs/demo.yaml", two), train_dir, out, test_data=test_dir)
     choice = json.loads((out / "pretrain" / "choice.json").read_text())
@@ -244,7 +306,8 @@ def test_pretrain_candidates_go_on_as_the_seed_whose_start_follows_the_mass(toy_
     assert json.loads((out / "config.json").read_text())["train"]["seed"] == seed
 
     alone = tmp_path / "alone"
-    train(load_config("configs/demo.yaml", TINY + [f"train.seed={seed}"]), train_dir, alone, test_data=test_dir)
+    alone_cfg = load_config("configs/demo.yaml", TINY + [f"train.seed={seed}", "train.select_from_epoch=2"])
+    train(alone_cfg, train_dir, alone, test_data=test_dir)
 
     def records(run):
         return [{k: v for k, v in json.loads(line).items() if k != "jets_per_s"}

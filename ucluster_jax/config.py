@@ -103,7 +103,13 @@ class TrainConfig:
     shuffle_buffer_row_groups: int = 4  # shuffle window: this many row groups' worth over all lanes
     data_lanes: int = 8  # epoch layout (docs/DATA.md): divides batch_size, a multiple of the processes
     eval_batch_size: int = 512  # jets per embedding batch: k-means input (with train_mode, BN statistics), scoring
-    eval_every_samples: int = 0  # also score --test-data every N joint-phase samples (0: at epoch ends only)
+    eval_every_samples: int = 0  # also score --test-data (and select_from_epoch's measure) every N joint-phase samples
+                                 # (0: at epoch ends only)
+    # > 0: from this (joint-phase) epoch on, at every test point and epoch end, measure how crowded the boundary
+    # between the two closest clusters is on the first select_jets training jets (no labels), and keep the
+    # state with the least crowded one as the run's result (RUN/selected; train/select.py). 0: the last state
+    select_from_epoch: int = 0
+    select_jets: int = 15_000
     checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, count it)
     checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
@@ -298,6 +304,9 @@ def validate(cfg: Config) -> None:
         ("train.joint_learning_rate", t.joint_learning_rate >= 0, ">= 0 (0: the schedule)"),
         ("train.joint_lr_decay", 0 < t.joint_lr_decay <= 1, "in (0, 1]"),
         ("train.param_ema", 0 <= t.param_ema < 1, "in [0, 1)"),
+        ("train.select_from_epoch", t.select_from_epoch == 0 or t.pretrain_epochs <= t.select_from_epoch < t.epochs,
+         f"0 (off) or a joint-phase epoch, in [{t.pretrain_epochs}, {t.epochs})"),
+        ("train.select_jets", t.select_jets > 0, "> 0"),
         ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),
         ("parallel.slices", cfg.parallel.slices >= 0 and t.batch_size % max(cfg.parallel.slices, 1) == 0,
          f">= 0 (0: off) and divide train.batch_size ({t.batch_size})"),

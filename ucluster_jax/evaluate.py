@@ -21,26 +21,30 @@ from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import UserError
 from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import setup
+from ucluster_jax.train import select
 from ucluster_jax.train.state import create_state, scored
 
 
-def load_run(run_dir: Path) -> tuple[Config, Any, dict]:
-    """The run's config and its newest intact checkpoint (host state), with the parameters that are
-    scored: their moving average where the run kept one (train.param_ema)."""
+def load_run(run_dir: Path, last: bool = False) -> tuple[Config, Any, dict]:
+    """The run's config and its result (host state): the state it selected (train.select_from_epoch) or,
+    `last` or where it selected none, its newest intact checkpoint; with the parameters that are scored:
+    their moving average where the run kept one (train.param_ema)."""
     run_dir = Path(run_dir)
     try:
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     except FileNotFoundError:
         raise UserError(f"{run_dir}: not a run directory (no config.json)") from None
-    state, meta = checkpoint.load_latest(run_dir, create_state(cfg))
+    template = create_state(cfg)
+    state, meta = (None if last else select.load(run_dir, template)) or checkpoint.load_latest(run_dir, template)
     return cfg, scored(state), meta
 
 
-def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True) -> dict[str, Any]:
+def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: bool = True,
+             last: bool = False) -> dict[str, Any]:
     from ucluster_jax.train.loop import check_data
     from ucluster_jax.train.scoring import embed
 
-    cfg, state, meta = load_run(run_dir)
+    cfg, state, meta = load_run(run_dir, last)
     rt = setup("auto")
     ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
     check_data(cfg, ds, Path(data))
@@ -65,6 +69,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         "n_jets": int(len(cluster)),
         "n_labelled": int((label >= 0).sum()),
         "checkpoint_step": int(meta["step"]), "checkpoint_epoch": int(meta["epoch"]),
+        "selected_boundary_density": meta.get("boundary_density"),  # None: the run's last state
         "data": str(data), "run": str(run_dir),
     }
     if ds.meta.target_per_point:  # the anomaly task: resonance events in QCD dijets
@@ -109,11 +114,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="parquet dataset to cluster")
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--last", action="store_true",
+                   help="score the run's last checkpoint, not the state it selected (train.select_from_epoch)")
 
 
 def run(args: argparse.Namespace) -> int:
-    s = evaluate(args.run, args.data, args.out, plots_too=not args.no_plots)
+    s = evaluate(args.run, args.data, args.out, plots_too=not args.no_plots, last=args.last)
     if s:
+        if s["selected_boundary_density"] is not None:
+            print(f"scored the run's selected state: step {s['checkpoint_step']} (epoch {s['checkpoint_epoch']}), "
+                  f"boundary density {s['selected_boundary_density']:.4f}; --last for its last checkpoint")
         cont = np.asarray(s["confusion"])
         print(f"accuracy (global, Hungarian-matched): {s['accuracy_global']:.4f}")
         print(f"accuracy (per-batch matched, the original's figure): {s['accuracy_per_batch']:.4f}")

@@ -58,3 +58,22 @@ def split_alignment(z: np.ndarray, mass: np.ndarray, cluster: np.ndarray, mu: np
                variance_along_mass=float(v @ v * (mc @ mc) / total),
                cos_split_mass=float(abs(v @ d) / max(np.linalg.norm(v) * np.linalg.norm(d), 1e-300)))
     return out
+
+
+def boundary_density(dist: np.ndarray, mu: np.ndarray, width: float = 0.1) -> float:
+    """Share of the jets of the two closest clusters that lie within `width` standard deviations of the
+    boundary between them, along the difference of their squared distances (d_a - d_b, linear in the
+    latent): how crowded the boundary is, without labels. A boundary through a dip of the jet density
+    scores low. Within a run of the CPU recipe the checkpoints with the lowest value scored highest on
+    the test jets (docs/RESULTS.md, "Choosing the run's result without labels"); across runs from
+    different starts it does not sort them (a start that splits W and Z across the mass scores lowest).
+    NaN where the pair has fewer than two jets."""
+    mu = np.asarray(mu, np.float64)
+    sep = np.sum((mu[:, None] - mu[None]) ** 2, axis=-1) + np.diag(np.full(len(mu), np.inf))
+    a, b = np.unravel_index(np.argmin(sep), sep.shape)
+    d = np.asarray(dist, np.float64)
+    near = np.argmin(d, axis=1)
+    x = (d[:, a] - d[:, b])[(near == a) | (near == b)]
+    if len(x) < 2 or x.std() == 0:
+        return float("nan")
+    return float(np.mean(np.abs(x) < width * x.std()))

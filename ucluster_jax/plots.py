@@ -82,18 +82,27 @@ def training_curves(records: list[dict], path: Path, sample: str = SAMPLE) -> Pa
 def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[dict] | None = None,
                         sample: str = SAMPLE) -> Path:
     """Global test accuracy and test k-means loss against joint-phase samples (RUN/curve.jsonl rows),
-    with the original run's logged test accuracy (per-batch matched) on the same axis."""
-    fig, axes = subplots(1, 2, figsize=(12, 4.2))
+    with the original run's logged test accuracy (per-batch matched) on the same axis; where the rows
+    carry it, the label-free boundary density that train.select_from_epoch chooses the result by."""
+    density = any("boundary_density" in r for rows in runs.values() for r in rows)
+    fig, axes = subplots(1, 3 if density else 2, figsize=(18 if density else 12, 4.2))
     for name, rows in runs.items():
-        x = [max(r["joint_samples"], 1) for r in rows]
-        axes[0].plot(x, [r["test_acc"] for r in rows], marker=".", label=name)
-        axes[1].plot(x, [r["test_kmeans"] for r in rows], marker=".", label=name)
+        tested = [r for r in rows if "test_acc" in r]
+        x = [max(r["joint_samples"], 1) for r in tested]
+        axes[0].plot(x, [r["test_acc"] for r in tested], marker=".", label=name)
+        axes[1].plot(x, [r["test_kmeans"] for r in tested], marker=".", label=name)
+        chosen = [r for r in rows if r.get("boundary_density") is not None]
+        if density and chosen:
+            axes[2].plot([max(r["joint_samples"], 1) for r in chosen], [r["boundary_density"] for r in chosen],
+                         marker=".", label=name)
     if original:
         pts = [(r["joint_samples"], r["test_acc"]) for r in original if r.get("joint_samples") and "test_acc" in r]
         axes[0].plot(*zip(*pts), color="k", lw=1, label="original, hls4ml (log_dkm.txt, per-batch)")
     axes[0].set_ylabel("test accuracy (global, matched)")
     axes[1].set_ylabel("test k-means loss")
     axes[1].set_yscale("log")
+    if density:
+        axes[2].set_ylabel("boundary density, training jets (no labels; lowest kept)")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("joint-phase training samples")

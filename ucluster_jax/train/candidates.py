@@ -52,7 +52,7 @@ def choose(rt: Runtime, cfg: Config, data: Path, out: Path, ds: ParquetDataset, 
         return int(known), None
     made, rows = {}, []
     for seed in range(t.seed, t.seed + t.pretrain_candidates):
-        c = with_seed(cfg, seed, epochs=t.pretrain_epochs, pretrain_candidates=1)
+        c = with_seed(cfg, seed, epochs=t.pretrain_epochs, pretrain_candidates=1, select_from_epoch=0)  # no joint phase
         sub = candidate_dir(out, seed)
         again = resume and rt.bcast(bool(checkpoint.list_checkpoints(sub)) if rt.is_root else None)
         train_fn(c, data, sub, resume=again, rt=rt)

@@ -27,8 +27,8 @@ from ucluster_jax.metrics import matched_accuracy, per_batch_accuracy
 from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
-from ucluster_jax.train import candidates
-from ucluster_jax.train.scoring import format_start, init_centroids, latent_sample, score_point
+from ucluster_jax.train import candidates, select
+from ucluster_jax.train.scoring import curve_point, format_start, init_centroids, latent_sample, score_test
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase, scored, with_params
 
 
@@ -151,6 +151,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     log = Logger(out, rt.is_root, t.tensorboard)
     if resume:
         log.rewind(int(host.step))
+    selection = select.start(rt, cfg, data, out, int(host.step) if resume else None)
     rec: dict[str, Any] = {}
 
     def save(h: TrainState, epoch: int, next_epoch: int, next_step: int) -> None:
@@ -184,10 +185,13 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
 
             mid_epoch = (lambda st, s: save(rt.host_state(st), epoch - 1, epoch, s)) if t.checkpoint_every_steps \
                 else None
-            score = None
+            scores = []
             if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
-                score = functools.partial(score_point, rt, cfg, test_ds, log.point, epoch=epoch, alpha=alpha,
-                                          joint_start=t.pretrain_epochs * steps * t.batch_size)
+                scores.append(functools.partial(score_test, rt, cfg, test_ds, alpha=alpha))
+            if selection is not None and epoch >= t.select_from_epoch:
+                scores.append(functools.partial(selection, epoch=epoch))
+            score = functools.partial(curve_point, scores=scores, point=log.point, epoch=epoch,
+                                      joint_start=t.pretrain_epochs * steps * t.batch_size) if scores else None
             state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
             host = rt.host_state(state)
             if int(host.nonfinite_steps) > 0:
@@ -217,6 +221,9 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                 on_epoch(rec)
     finally:
         log.close()
+    if selection is not None and rt.is_root and np.isfinite(selection.best):
+        print(f"result: the state with the lowest boundary density, {selection.best:.4f} "
+              f"({out / 'selected'}; `ucluster evaluate` scores it)", flush=True)
     return rec
 
 

@@ -110,11 +110,16 @@ def evaluate_split(rt: Runtime, cfg: Config, host: TrainState, ds: ParquetDatase
             f"{prefix}_kmeans": float(km[0] / km[1]) if km[1] else None}
 
 
-def score_point(rt: Runtime, cfg: Config, ds: ParquetDataset, point: Callable[[dict], None], host: TrainState, *,
-                epoch: int, alpha: float, joint_start: int) -> dict:
-    """Score the test split now (with the parameters' moving average where one is kept) and hand the point
-    of the accuracy-vs-joint-samples curve to `point`."""
-    rec = evaluate_split(rt, cfg, scored(host), ds, alpha=alpha, prefix="test")
+def score_test(rt: Runtime, cfg: Config, ds: ParquetDataset, host: TrainState, *, alpha: float) -> dict:
+    """The test split's scores now, with the parameters' moving average where one is kept."""
+    return evaluate_split(rt, cfg, scored(host), ds, alpha=alpha, prefix="test")
+
+
+def curve_point(host: TrainState, *, scores: list[Callable[[TrainState], dict]], point: Callable[[dict], None],
+                epoch: int, joint_start: int) -> dict:
+    """Run `scores` (test split, label-free selection) on the host state and hand the point of the curve
+    against joint-phase samples (RUN/curve.jsonl) to `point`; returns the scores."""
+    rec = {k: v for score in scores for k, v in score(host).items()}
     seen = int(host.samples_seen)
     point({"epoch": epoch, "step": int(host.step), "samples_seen": seen, "joint_samples": seen - joint_start, **rec})
     return rec
