@@ -4,7 +4,7 @@
 #   bash scripts/wztop_cpu_check.sh OUT [TRAIN_SEED] [TEST_SEED] [PT_MIN] [PT_MAX] [extra `ucluster train` args...]
 # Defaults: seeds 201/202, jet pT 850-1250 GeV; 68,000 + 16,500 generated jets (about 60,000 + 15,000
 # after the selection). Prints the wall time of each stage; OUT/run/eval/summary.json holds the accuracy
-# (of the state the run selected; OUT/run/eval_last/summary.json: of its last state).
+# (with --set train.select_from_epoch=E: of the state the run selected; OUT/run/eval_last: of its last state).
 set -euo pipefail
 OUT=${1:?usage: wztop_cpu_check.sh OUT [TRAIN_SEED] [TEST_SEED] [PT_MIN] [PT_MAX] [train args...]}
 TRAIN_SEED=${2:-201}; TEST_SEED=${3:-202}; PT_MIN=${4:-850}; PT_MAX=${5:-1250}
@@ -20,5 +20,5 @@ stage ucluster prepare "$OUT"/h5/test/*.h5 --out "$OUT/test" --overwrite
 rm -rf "$OUT/run"
 stage ucluster train --config configs/wztop_cpu.yaml --data "$OUT/train" --test-data "$OUT/test" --out "$OUT/run" "$@"
 stage ucluster evaluate --run "$OUT/run" --data "$OUT/test"
-# the run's last state too, beside the one it selected (train.select_from_epoch): OUT/run/eval_last
+# the run's last state too, beside the one it selected where train.select_from_epoch is set: OUT/run/eval_last
 stage ucluster evaluate --run "$OUT/run" --data "$OUT/test" --last --out "$OUT/run/eval_last" --no-plots

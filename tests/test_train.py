@@ -296,7 +296,7 @@ def test_pretrain_candidates_go_on_as_the_seed_whose_start_follows_the_mass(toy_
     goes on, and the whole run is that seed's run; a resume reads the choice back. (From seed 3 these toy
     jets chose seed 4 when this was written: the run then goes on with a seed other than the one given.)"""
     train_dir, test_dir = toy_small
-    two = TINY + ["train.seed=3", "train.pretrain_candidates=2", "train.select_from_epoch=2"]  # candidates select not
+    two = TINY + ["train.seed=3", "train.pretrain_candidates=2", "train.select_from_epoch=2"]  # candidates: without it
     out = tmp_path / "two"
     train(load_config("configs/demo.yaml", two), train_dir, out, test_data=test_dir)
     choice = json.loads((out / "pretrain" / "choice.json").read_text())
