@@ -64,8 +64,8 @@ def boundary_density(dist: np.ndarray, mu: np.ndarray, width: float = 0.1) -> fl
     """Share of the jets of the two closest clusters that lie within `width` standard deviations of the
     boundary between them, along the difference of their squared distances (d_a - d_b, linear in the
     latent): how crowded the boundary is, without labels. A boundary through a dip of the jet density
-    scores low. Within one run of the CPU recipe it sorted the test accuracy of 12 late states; within
-    another it did not, and across runs from different starts it does not sort them either (docs/RESULTS.md,
+    scores low. Within two runs of the CPU recipe it sorted the test accuracy of 12 late states; within a
+    third it did not, and across runs from different starts it does not sort them either (docs/RESULTS.md,
     "Choosing the run's result without labels"). NaN where the pair has fewer than two jets."""
     mu = np.asarray(mu, np.float64)
     sep = np.sum((mu[:, None] - mu[None]) ** 2, axis=-1) + np.diag(np.full(len(mu), np.inf))

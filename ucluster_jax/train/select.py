@@ -4,8 +4,8 @@ From that epoch on, at every test point (train.eval_every_samples) and epoch end
 boundary density of the state's clusters (`metrics.boundary_density`) on the first train.select_jets
 training jets, and keeps the state with the lowest in RUN/selected: the state `ucluster evaluate` scores.
 Why: late in the CPU recipe's joint phase the test accuracy swings by 1-3 points from point to point; in
-one run the density sorted those points and the choice gained 1.2 points, in another it lost 1.7, so the
-recipe does not use it (docs/RESULTS.md, "Choosing the run's result without labels"). Rank 0 measures and
+two runs the density sorted those points and the choice gained 1.2 and 0.9 points, in a third it lost 1.7,
+so the recipe does not use it yet (docs/RESULTS.md, "Choosing the run's result without labels"). Rank 0 measures and
 writes; every rank gets the same value, so the choice is the same in every layout that computes the same bits.
 """
 from __future__ import annotations
