@@ -5,8 +5,9 @@ boundary density of the state's clusters (`metrics.boundary_density`) on the fir
 training jets, and keeps the state with the lowest in RUN/selected: the state `ucluster evaluate` scores.
 Why: late in the CPU recipe's joint phase the test accuracy swings by 1-3 points from point to point; in
 two runs the density sorted those points and the choice gained 1.2 and 0.9 points, in a third it lost 1.7,
-so the recipe does not use it yet (docs/RESULTS.md, "Choosing the run's result without labels"). Rank 0 measures and
-writes; every rank gets the same value, so the choice is the same in every layout that computes the same bits.
+so the recipe does not use it yet (docs/RESULTS.md, "Choosing the run's result without labels").
+Rank 0 measures and writes; every rank gets the same value, so the choice is the same in every layout that
+computes the same bits.
 """
 from __future__ import annotations
 
