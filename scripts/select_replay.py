@@ -16,15 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ucluster_jax import checkpoint
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.evaluate import load_run
-from ucluster_jax.metrics import contingency_np, matched_accuracy
 from ucluster_jax.parallel.runtime import setup
 from ucluster_jax.train import select
-from ucluster_jax.train.scoring import embed
+from ucluster_jax.train.scoring import evaluate_split
 from ucluster_jax.train.state import create_state, scored
 
 
@@ -46,11 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(meta["next"]) <= (first, 0):  # before epoch `first`'s first step
             continue
         host = checkpoint.restore(blob, create_state(cfg), path)
-        o = embed(rt, cfg, scored(host), test.iter_all(cfg.train.eval_batch_size), train_mode_bn=False)
-        cont = contingency_np(np.argmin(o["dist"], 1), o["label"].astype(np.int64), cfg.model.num_clusters,
-                              len(test.meta.class_names))
+        acc = evaluate_split(rt, cfg, scored(host), test, alpha=float(host.alpha), prefix="test")["test_acc"]
         rows.append({"step": int(meta["step"]), "epoch_done": int(meta["epoch"]),
-                     "boundary_density": select.measure(rt, cfg, host, batches), "test_acc": matched_accuracy(cont)[0]})
+                     "boundary_density": select.measure(rt, cfg, host, batches), "test_acc": acc})
         print(json.dumps(rows[-1]), flush=True)
     if not rows:
         print(f"{a.run}: no checkpoint inside epoch {first} or later", file=sys.stderr)
