@@ -30,7 +30,7 @@ from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.data.toy import toy_hls4ml, write_hls4ml_h5, write_toy
 from ucluster_jax.errors import CheckpointError, DataError, UserError
 from ucluster_jax.parallel.runtime import Mpi, Runtime
-from ucluster_jax.train.loop import train
+from ucluster_jax.train.loop import resume_state, train
 from ucluster_jax.train.state import create_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +127,17 @@ def test_resume_with_incompatible_config_is_a_clear_error(tmp_path, toy10):
     with pytest.raises(CheckpointError, match=r"different model configuration: latent_dim 3 \(config: 4\)") as e:
         train(other, toy10, tmp_path, resume=True, engine="single")
     assert "ckpt-0000000006.msgpack" in str(e.value)
+    # only the model must match: a stored train value that today's rules refuse (an older version's run)
+    # does not make the checkpoint unreadable
+    old = tmp_path / "old"
+    checkpoint.save(old, jax.device_get(create_state(cfg)), step=6,
+                    meta={**meta, "config": {**meta["config"], "train": {**meta["config"]["train"],
+                                                                         "select_from_epoch": 99}}})
+    with pytest.raises(ConfigError, match="train.select_from_epoch"):  # refused today
+        load_config(None, TINY + ["train.select_from_epoch=99"])
+    _, epoch, step = resume_state(Runtime(Mpi(), rank=0, world=1, comm=None), cfg, old,
+                                   jax.device_get(create_state(cfg)))
+    assert (epoch, step) == (1, 0)  # after epoch 0
     # a world size that the data lanes (and the global batch) cannot be split over: refused before
     # anything is loaded or written
     rt3 = Runtime(Mpi(), rank=0, world=3, comm=None)

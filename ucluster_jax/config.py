@@ -243,6 +243,11 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
     return cfg
 
 
+def model_from_dict(data: dict[str, Any], where: str = "config.model") -> ModelConfig:
+    """The model section alone, unvalidated: what a checkpoint's stored config is compared with."""
+    return _build(ModelConfig, data, where)
+
+
 def validate(cfg: Config) -> None:
     """Refuse a value that would crash or silently misbehave later (a zero divisor, an empty k-means,
     a negative size), naming the key: one line from the CLI, exit status 2."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ucluster_jax import checkpoint
-from ucluster_jax.config import Config, ConfigError, config_from_dict, load_config
+from ucluster_jax.config import Config, ConfigError, load_config, model_from_dict
 from ucluster_jax.data.prefetch import prefetch
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import CheckpointError, DataError, UserError
@@ -289,8 +289,10 @@ def resume_state(rt: Runtime, cfg: Config, out: Path, template: TrainState) -> t
     Returns the state and where to continue: (epoch, step within it), the checkpoint's iterator state
     (checkpoints without one were written at epoch ends)."""
     def same_model(path: Path, meta: dict[str, Any]) -> None:
+        # only the model must match: the rest of the stored config may be from an older version, whose
+        # train/loss values today's rules would refuse (the run resumes with this config's)
         try:
-            model = config_from_dict(meta["config"], f"{path} config").model
+            model = model_from_dict(meta["config"]["model"], f"{path} config.model")
         except (KeyError, UserError) as e:
             raise CheckpointError(f"{path}: checkpoint metadata has no usable config ({e})") from None
         if model != cfg.model:
