@@ -221,7 +221,8 @@ def test_bfloat16_model_keeps_float32_state_and_a_nearby_loss():
                                mutable=["batch_stats"])
             return combined_loss(out, tgt, alpha=4.0, cluster_weight=1.0, gamma=2.0, focal_alpha=1.0)[0], (out, new)
 
-        (value, (out, new)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        # compiled: a third of the op-by-op time
+        (value, (out, new)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
         runs[dtype] = float(value), out, new, grads
     l32, (l16, o16, s16, g16) = runs["float32"][0], runs["bfloat16"]
     assert l16 != l32 and abs(l16 / l32 - 1) < 0.02

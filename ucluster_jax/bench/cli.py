@@ -15,7 +15,8 @@ from ucluster_jax.bench.measure import (
     BASELINES, KNOWN_PEAK_GFLOPS, _ints, bench_data, bench_e2e, bench_eval, bench_train, device_peak_bytes, enable_cache, load_avg, matmul_gflops, model_flops_per_jet, peak_rss_mb,
 )
 from ucluster_jax.bench.report import fit_and_project, plot, print_table
-from ucluster_jax.bench.workers import compare, run_worker
+from ucluster_jax.bench.workers import COMPARED, compare, run_worker
+from ucluster_jax.errors import UserError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -24,8 +25,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (model.*), e.g. --set model.k=5")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for bench.json and bench.png")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section in ~1-2 min")
-    p.add_argument("--compare", action="store_true",
-                   help="one global batch through every parallel path (single, local devices, mpi, hybrid)")
+    p.add_argument("--compare", nargs="?", const="all", metavar="ENGINES",
+                   help="one global batch through every parallel path (single, local, mpi, jaxdist, hybrid), "
+                        "or through the comma list ENGINES")
     p.add_argument("--sections", default="train,eval,data,e2e,mpi,local",
                    help="comma list of train,eval,data,e2e,mpi,local (flops and memory come with train)")
     p.add_argument("--batch-sizes", help="training batch sizes (default 128,512; quick 32)")
@@ -74,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = sections - {"train", "eval", "data", "e2e", "mpi", "local"}
     if unknown:
-        from ucluster_jax.errors import UserError
-
         raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}")
+    if args.compare not in (None, "all") and set(args.compare.split(",")) - set(COMPARED):
+        raise UserError(f"--compare {args.compare}: the paths are {', '.join(COMPARED)}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     dev = jax.local_devices()[0]

@@ -159,6 +159,9 @@ def run_worker(engine: str, *, batch: int, steps: int, repeats: int, warmup: int
         return json.loads(out.read_text())
 
 
+COMPARED = ("single", "local", "mpi", "jaxdist", "hybrid")  # --compare's paths, by engine
+
+
 def compare(args, cfg_args: list[str], one_thread: bool, log, reuse: list[dict] = ()) -> list[dict]:
     """The same global batch through every parallel path, in child processes with the same thread policy.
 
@@ -169,6 +172,8 @@ def compare(args, cfg_args: list[str], one_thread: bool, log, reuse: list[dict] 
              ("mpi4jax ranks x2", "mpi", 2, 1, G // 2), ("jax.distributed ranks x2", "jaxdist", 2, 1, G // 2)]
     if not args.quick:
         paths.append(("hybrid 2 ranks x 2 devices", "hybrid", 2, 2, G // 4))
+    if args.compare != "all":  # checked against COMPARED by the CLI
+        paths = [p for p in paths if p[1] in args.compare.split(",")]
     rows = []
     for name, engine, ranks, devices, per in paths:
         r = next((dict(p) for p in reuse if p["engine"] == engine and p["world"] == ranks
