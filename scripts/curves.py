@@ -46,13 +46,14 @@ def main() -> int:
                                                                                    rows[-1]["test_acc"])}
         print(f"{name}: last {rows[-1]['test_acc']:.4f} at {rows[-1]['joint_samples']:,} joint-phase samples; "
               f"best {best['test_acc']:.4f} at {best['joint_samples']:,}")
-        chosen = [r for r in rows if r.get("boundary_density") is not None]
-        if len(chosen) > 1:  # train.select_from_epoch's points: does the density sort the test accuracy?
-            low = min(chosen, key=lambda r: r["boundary_density"])
-            rho = spearmanr([r["boundary_density"] for r in chosen], [r["test_acc"] for r in chosen])[0]
-            summary[name]["selection"] = {"points": len(chosen), "spearman": float(rho), "lowest": low}
-            print(f"{name}: {len(chosen)} selection points, Spearman(density, test acc) {rho:.2f}; lowest density "
-                  f"{low['boundary_density']:.4f} at {low['joint_samples']:,}: test acc {low['test_acc']:.4f}")
+        by = next((k for k in plots.SELECT_LABELS if any(k in r for r in rows)), None)
+        chosen = [r for r in rows if r.get(by) is not None]
+        if len(chosen) > 1:  # train.select_from_epoch's points: does the criterion sort the test accuracy?
+            low = min(chosen, key=lambda r: r[by])
+            rho = spearmanr([r[by] for r in chosen], [r["test_acc"] for r in chosen])[0]
+            summary[name]["selection"] = {"by": by, "points": len(chosen), "spearman": float(rho), "lowest": low}
+            print(f"{name}: {len(chosen)} selection points, Spearman({by}, test acc) {rho:.2f}; lowest "
+                  f"{low[by]:.4f} at {low['joint_samples']:,}: test acc {low['test_acc']:.4f}")
     if original:
         for r in original:
             if r.get("joint_samples") and r.get("test_acc", 0) >= 0.75:

@@ -12,7 +12,8 @@ BAD = ["train.lr_decay_samples=0", "train.bn_decay_samples=0", "train.kmeans_res
        "train.shuffle_buffer_row_groups=0", "train.keep_checkpoints=-1", "model.k=0", "model.k=101",
        "model.latent_dim=0", "model.conv1_widths=[64,0]", "model.num_clusters=0", "model.bn_epsilon=0",
        "loss.focal_gamma=-1", "loss.mass_bins=log", "loss.mass_range=[200,30]", "parallel.slices=-1",
-       "parallel.slices=3", "train.select_from_epoch=5", "train.select_from_epoch=200", "train.select_jets=0"]
+       "parallel.slices=3", "train.select_from_epoch=5", "train.select_from_epoch=200", "train.select_jets=0",
+       "train.select_by=mass"]
 
 
 @pytest.mark.parametrize("override", BAD)

@@ -11,8 +11,10 @@ from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
 from ucluster_jax.config import load_config
 from ucluster_jax.errors import CheckpointError
-from ucluster_jax.metrics import boundary_density, split_alignment
+from ucluster_jax.metrics import boundary_density, mass_edge, mass_valley, split_alignment
 from ucluster_jax.original_log import read_log
+from ucluster_jax.parallel.runtime import setup
+from ucluster_jax.train import select
 from ucluster_jax.train.loop import train
 from ucluster_jax.train.state import create_state, learning_rate, phase
 
@@ -141,13 +143,20 @@ def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_
     kept = checkpoint.list_checkpoints(run / "selected")
     side = json.loads(kept[0].with_suffix(".json").read_text())
     assert len(kept) == 1 and side["step"] == best["step"] and side["boundary_density"] == best["boundary_density"]
+    shutil.copytree(run / "selected", tmp_path / "kept")
     summary = evaluate(run, toy_small[1], tmp_path / "eval", plots_too=False)
     assert summary["checkpoint_step"] == best["step"]
     assert summary["accuracy_global"] == pytest.approx(best["test_acc"], abs=1e-9)
-    assert summary["selected_boundary_density"] == best["boundary_density"]
+    assert (summary["selected_by"], summary["selected_value"]) == ("boundary_density", best["boundary_density"])
     last = evaluate(run, toy_small[1], tmp_path / "eval_last", plots_too=False, last=True)
     assert last["checkpoint_step"] == 36 and last["accuracy_global"] == pytest.approx(rows[-1]["test_acc"], abs=1e-9)
-    assert last["selected_boundary_density"] is None
+    assert last["selected_by"] is None and last["selected_value"] is None
+    # a resume with another criterion does not compare its values with this one's: the choice goes
+    other = select.Selection(setup("single"), load_config("configs/demo.yaml", [
+        *TINY, "train.select_from_epoch=2", "train.select_jets=300", "train.select_by=mass_valley"]),
+        toy_small[0], run, resumed_step=36)
+    assert other.best == float("inf") and not (run / "selected").exists()
+    shutil.copytree(tmp_path / "kept", run / "selected")
 
     for p in checkpoint.list_checkpoints(run)[1:]:  # back to the end of epoch 1: the choice lies ahead again
         p.unlink()
@@ -177,6 +186,27 @@ def test_boundary_density_is_low_where_the_boundary_crosses_a_dip():
         else:  # uniform: 0.1 standard deviations either side of the middle hold 0.2 / sqrt(12) of the points
             assert line_density == pytest.approx(0.2 / np.sqrt(12), abs=0.015)
     assert np.isnan(boundary_density(dist(far), mu))  # the two close clusters hold no jets
+
+
+def test_mass_valley_is_the_distance_from_the_clusters_mass_edge_to_the_dip_between_the_peaks():
+    """Jets at two mass peaks (80 and 91 GeV, the dip between them near 86) put in the two close clusters
+    by a mass cut: the criterion is the cut's distance from the dip, smallest for a cut at the dip; the far
+    cluster's jets are not in it. No dip (one peak) or an empty cluster: NaN."""
+    rng = np.random.default_rng(0)
+    mass = np.r_[rng.normal(80, 3, 5000), rng.normal(91, 4, 5000), rng.normal(175, 10, 3000)]
+    mu = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+
+    def dist(cut, m=mass):  # cluster 0 below the cut, 1 above it, 2 the far one (above 140 GeV)
+        c = np.where(m > 140, 2, np.where(m > cut, 1, 0))
+        return np.where(np.arange(3)[None] == c[:, None], 0.0, 1.0)
+
+    at = {cut: mass_valley(dist(cut), mu, mass) for cut in (80, 84, 86, 88, 92)}
+    assert at[86] < 1.0 and at[86] < at[84] < at[80] and at[86] < at[88] < at[92]
+    assert at[92] == pytest.approx(92 - 86.5, abs=1.0)  # the dip of this mixture lies near 86-87 GeV
+    assert mass_edge(mass[mass < 140], mass[mass < 140] > 88) == pytest.approx(88, abs=0.01)
+    one = rng.normal(85, 4, 10000)
+    assert np.isnan(mass_valley(dist(85, one), mu, one))  # one peak: no valley
+    assert np.isnan(mass_valley(dist(200), mu, mass))  # nothing above the cut: cluster 1 empty
 
 
 def test_split_alignment_tells_a_split_along_the_mass_from_one_across_it():

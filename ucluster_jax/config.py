@@ -105,11 +105,12 @@ class TrainConfig:
     eval_batch_size: int = 512  # jets per embedding batch: k-means input (with train_mode, BN statistics), scoring
     eval_every_samples: int = 0  # also score --test-data (and select_from_epoch's measure) every N joint-phase samples
                                  # (0: at epoch ends only)
-    # > 0: from this (joint-phase) epoch on, at every test point and epoch end, measure how crowded the boundary
-    # between the two closest clusters is on the first select_jets training jets (no labels), and keep the
-    # state with the least crowded one as the run's result (RUN/selected; train/select.py). 0: the last state
+    # > 0: from this (joint-phase) epoch on, at every test point and epoch end, measure the select_by criterion
+    # of the two closest clusters on the first select_jets training jets (no labels), and keep the state
+    # where it is lowest as the run's result (RUN/selected; train/select.py). 0: the last state
     select_from_epoch: int = 0
     select_jets: int = 15_000
+    select_by: str = "boundary_density"  # or "mass_valley" (GeV from their mass edge to the jet-mass dip)
     checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, count it)
     checksum_every: int = 200  # steps between cross-replica parameter checksums (0: only per epoch)
@@ -312,6 +313,7 @@ def validate(cfg: Config) -> None:
         ("train.select_from_epoch", t.select_from_epoch == 0 or t.pretrain_epochs <= t.select_from_epoch < t.epochs,
          f"0 (off) or a joint-phase epoch, in [{t.pretrain_epochs}, {t.epochs})"),
         ("train.select_jets", t.select_jets > 0, "> 0"),
+        ("train.select_by", t.select_by in ("boundary_density", "mass_valley"), "boundary_density or mass_valley"),
         ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),
         ("parallel.slices", cfg.parallel.slices >= 0 and t.batch_size % max(cfg.parallel.slices, 1) == 0,
          f">= 0 (0: off) and divide train.batch_size ({t.batch_size})"),

@@ -60,6 +60,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
     B = cfg.train.eval_batch_size
     per_batch = np.stack([contingency_np(cluster[i:i + B], label[i:i + B], k, len(names))
                           for i in range(0, len(cluster), B)])
+    by = select.chosen_by(meta)  # the criterion the scored state was selected by, if it was
     summary = {
         "accuracy_global": acc,
         "accuracy_per_batch": per_batch_accuracy(per_batch),
@@ -69,7 +70,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         "n_jets": int(len(cluster)),
         "n_labelled": int((label >= 0).sum()),
         "checkpoint_step": int(meta["step"]), "checkpoint_epoch": int(meta["epoch"]),
-        "selected_boundary_density": meta.get("boundary_density"),  # None: the run's last state
+        "selected_by": by, "selected_value": meta.get(by),  # None: the run's last state
         "data": str(data), "run": str(run_dir),
     }
     if ds.meta.target_per_point:  # the anomaly task: resonance events in QCD dijets
@@ -121,9 +122,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = evaluate(args.run, args.data, args.out, plots_too=not args.no_plots, last=args.last)
     if s:
-        if s["selected_boundary_density"] is not None:
+        if s["selected_by"] is not None:
             print(f"scored the run's selected state: step {s['checkpoint_step']} (epoch {s['checkpoint_epoch']}), "
-                  f"boundary density {s['selected_boundary_density']:.4f}; --last for its last checkpoint")
+                  f"{s['selected_by']} {s['selected_value']:.4f}; --last for its last checkpoint")
         cont = np.asarray(s["confusion"])
         print(f"accuracy (global, Hungarian-matched): {s['accuracy_global']:.4f}")
         print(f"accuracy (per-batch matched, the original's figure): {s['accuracy_per_batch']:.4f}")

@@ -79,21 +79,26 @@ def training_curves(records: list[dict], path: Path, sample: str = SAMPLE) -> Pa
     return save(fig, path, sample)
 
 
+# train.select_by's criteria as curve.jsonl names them, with their axis labels
+SELECT_LABELS = {"boundary_density": "boundary density, training jets (no labels; lowest kept)",
+                 "mass_valley": "GeV from the W|Z mass edge to the mass dip, training jets (lowest kept)"}
+
+
 def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[dict] | None = None,
                         sample: str = SAMPLE) -> Path:
     """Global test accuracy and test k-means loss against joint-phase samples (RUN/curve.jsonl rows),
     with the original run's logged test accuracy (per-batch matched) on the same axis; where the rows
-    carry it, the label-free boundary density that train.select_from_epoch chooses the result by."""
-    density = any("boundary_density" in r for rows in runs.values() for r in rows)
-    fig, axes = subplots(1, 3 if density else 2, figsize=(18 if density else 12, 4.2))
+    carry it, the label-free criterion that train.select_from_epoch chooses the result by."""
+    by = next((k for k in SELECT_LABELS if any(k in r for rows in runs.values() for r in rows)), None)
+    fig, axes = subplots(1, 3 if by else 2, figsize=(18 if by else 12, 4.2))
     for name, rows in runs.items():
         tested = [r for r in rows if "test_acc" in r]
         x = [max(r["joint_samples"], 1) for r in tested]
         axes[0].plot(x, [r["test_acc"] for r in tested], marker=".", label=name)
         axes[1].plot(x, [r["test_kmeans"] for r in tested], marker=".", label=name)
-        chosen = [r for r in rows if r.get("boundary_density") is not None]
-        if density and chosen:
-            axes[2].plot([max(r["joint_samples"], 1) for r in chosen], [r["boundary_density"] for r in chosen],
+        chosen = [r for r in rows if r.get(by) is not None]
+        if by and chosen:
+            axes[2].plot([max(r["joint_samples"], 1) for r in chosen], [r[by] for r in chosen],
                          marker=".", label=name)
     if original:
         pts = [(r["joint_samples"], r["test_acc"]) for r in original if r.get("joint_samples") and "test_acc" in r]
@@ -101,8 +106,8 @@ def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[
     axes[0].set_ylabel("test accuracy (global, matched)")
     axes[1].set_ylabel("test k-means loss")
     axes[1].set_yscale("log")
-    if density:
-        axes[2].set_ylabel("boundary density, training jets (no labels; lowest kept)")
+    if by:
+        axes[2].set_ylabel(SELECT_LABELS[by])
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("joint-phase training samples")

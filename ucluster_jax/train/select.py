@@ -1,11 +1,12 @@
-"""Choosing a run's result without labels (train.select_from_epoch).
+"""Choosing a run's result without labels (train.select_from_epoch, train.select_by).
 
-From that epoch on, at every test point (train.eval_every_samples) and epoch end the trainer measures the
-boundary density of the state's clusters (`metrics.boundary_density`) on the first train.select_jets
-training jets, and keeps the state with the lowest in RUN/selected: the state `ucluster evaluate` scores.
-Why: late in the CPU recipe's joint phase the test accuracy swings by 1-3 points from point to point; in
-two runs the density sorted those points and the choice gained 1.2 and 0.9 points, in a third it lost 1.7,
-so the recipe does not use it yet (docs/RESULTS.md, "Choosing the run's result without labels").
+From that epoch on, at every test point (train.eval_every_samples) and epoch end the trainer measures a
+criterion of the state's clusters on the first train.select_jets training jets, and keeps the state where
+it is lowest in RUN/selected: the state `ucluster evaluate` scores. Why: late in the CPU recipe's joint
+phase the test accuracy swings by 1-3 points from point to point, as the W|Z boundary moves by a few GeV
+of jet mass. The criteria (docs/RESULTS.md, "Choosing the run's result ..."): `boundary_density` (latent
+only; sorted the points in two runs, not in a third) and `mass_valley` (GeV from the clusters' mass edge
+to the dip of the jet-mass distribution; the recipe's).
 Rank 0 measures and writes; every rank gets the same value, so the choice is the same in every layout that
 computes the same bits.
 """
@@ -22,12 +23,16 @@ import numpy as np
 from ucluster_jax import checkpoint
 from ucluster_jax.config import Config
 from ucluster_jax.data.reader import ParquetDataset
-from ucluster_jax.metrics import boundary_density
+from ucluster_jax.metrics import boundary_density, mass_valley
 from ucluster_jax.parallel.runtime import Runtime
 from ucluster_jax.train.scoring import embed
 from ucluster_jax.train.state import TrainState, scored
 
 FOLDER = "selected"
+# name -> criterion(embedding outputs, centroids): lower is better; the name is the key of its value in the
+# curve rows and the kept state's sidecar
+CRITERIA = {"boundary_density": lambda o, mu: boundary_density(o["dist"], mu),
+            "mass_valley": lambda o, mu: mass_valley(o["dist"], mu, o["mass"])}
 
 
 class Selection:
@@ -42,18 +47,20 @@ class Selection:
         self.batches = first_jets(cfg, data)
         kept = checkpoint.list_checkpoints(self.folder)
         meta = json.loads(kept[-1].with_suffix(".json").read_text()) if kept else None
-        if meta is not None and resumed_step is not None and meta["step"] <= resumed_step:
-            self.best = meta["boundary_density"]
+        if meta is not None and resumed_step is not None and meta["step"] <= resumed_step \
+                and cfg.train.select_by in meta:  # chosen before the checkpoint, by the same criterion
+            self.best = meta[cfg.train.select_by]
         elif self.folder.exists():  # a fresh start, or chosen past the point this run resumes from
             shutil.rmtree(self.folder)
 
     def __call__(self, host: TrainState, epoch: int) -> dict[str, Any]:
-        density = self.rt.bcast(measure(self.rt, self.cfg, host, self.batches) if self.rt.is_root else None)
-        if self.rt.is_root and density < self.best:  # NaN never wins
-            self.best = density
+        value = self.rt.bcast(measure(self.rt, self.cfg, host, self.batches) if self.rt.is_root else None)
+        name = self.cfg.train.select_by
+        if self.rt.is_root and value < self.best:  # NaN never wins
+            self.best = value
             checkpoint.save(self.folder, host, step=int(host.step), keep=1,
-                            meta={"epoch": epoch, "boundary_density": density, "config": self.cfg.to_dict()})
-        return {"boundary_density": density}
+                            meta={"epoch": epoch, name: value, "config": self.cfg.to_dict()})
+        return {name: value}
 
 
 def start(rt: Runtime, cfg: Config, data: Path, out: Path, resumed_step: int | None) -> Selection | None:
@@ -73,10 +80,14 @@ def first_jets(cfg: Config, data: Path) -> list[dict[str, np.ndarray]]:
 
 
 def measure(rt: Runtime, cfg: Config, host: TrainState, batches: list[dict[str, np.ndarray]]) -> float:
-    """The boundary density of the scored state's clusters on `batches` (this process alone)."""
+    """train.select_by of the scored state's clusters on `batches` (this process alone)."""
     st = scored(host)
-    o = embed(rt, cfg, st, batches, train_mode_bn=False)
-    return boundary_density(o["dist"], np.asarray(st.params["mu"]))
+    return CRITERIA[cfg.train.select_by](embed(rt, cfg, st, batches, train_mode_bn=False), np.asarray(st.params["mu"]))
+
+
+def chosen_by(meta: dict[str, Any]) -> str | None:
+    """The criterion a kept state's sidecar was chosen by (None: not a selected state)."""
+    return next((k for k in CRITERIA if k in meta), None)
 
 
 def load(run_dir: Path, template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
