@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
-from ucluster_jax.config import load_config
+from ucluster_jax.config import ConfigError, load_config
 from ucluster_jax.errors import CheckpointError
 from ucluster_jax.metrics import boundary_density, mass_edge, mass_valley, split_alignment
 from ucluster_jax.original_log import read_log
@@ -92,6 +92,17 @@ def test_param_ema_averages_the_joint_phase_and_is_what_is_scored(toy_small, sin
     assert ema.shape == a.shape and not np.allclose(ema, a, rtol=0, atol=1e-7)
     scored = load_run(run)[1]
     assert np.array_equal(ravel_pytree(jax.device_get(scored.params))[0], ema)
+    # an older run whose training values today's rules refuse is still read; a model it cannot build is not
+    stored = json.loads((run / "config.json").read_text())
+    with pytest.raises(ConfigError, match="train.select_from_epoch"):
+        load_config("configs/demo.yaml", TINY + ["train.select_from_epoch=99"])
+    stored["train"]["select_from_epoch"] = 99
+    (run / "config.json").write_text(json.dumps(stored))
+    assert np.array_equal(ravel_pytree(jax.device_get(load_run(run)[1].params))[0], ema)
+    (run / "config.json").write_text(json.dumps({**stored, "model": {**stored["model"], "k": 0}}))
+    with pytest.raises(ConfigError, match=r"model.k=0"):
+        load_run(run)
+    (run / "config.json").write_text(json.dumps(stored))
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     summary = evaluate(run, toy_small[1], tmp_path / "eval", plots_too=False)
     assert summary["accuracy_global"] == pytest.approx(last["test_acc"], abs=1e-9)

@@ -25,13 +25,18 @@ from ucluster_jax.train import select
 from ucluster_jax.train.state import create_state, scored
 
 
+# what scoring a finished run reads from its config; the rest (training's values) is not checked again
+SCORED_KEYS = ("model.", "loss.", "train.eval_batch_size", "train.param_ema")
+
+
 def load_run(run_dir: Path, last: bool = False) -> tuple[Config, Any, dict]:
     """The run's config and its result (host state): the state it selected (train.select_from_epoch) or,
     `last` or where it selected none, its newest intact checkpoint; with the parameters that are scored:
     their moving average where the run kept one (train.param_ema)."""
     run_dir = Path(run_dir)
     try:
-        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"),
+                               only=SCORED_KEYS)
     except FileNotFoundError:
         raise UserError(f"{run_dir}: not a run directory (no config.json)") from None
     template = create_state(cfg)
