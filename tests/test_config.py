@@ -54,3 +54,11 @@ def test_tensorboard_is_on_by_default_and_a_bool():
 def test_sqrt_mass_bins_need_jet_level_targets():
     with pytest.raises(ConfigError, match=r"^loss.mass_bins='sqrt': must be 'prepared' under model.variant anomaly"):
         load_config("configs/anomaly_cpu.yaml", ["loss.mass_bins=sqrt"])
+
+
+def test_every_select_by_criterion_is_computed_and_drawn():
+    from ucluster_jax import plots
+    from ucluster_jax.config import SELECT_BY
+    from ucluster_jax.train import select
+
+    assert set(select.CRITERIA) == set(SELECT_BY) == set(plots.SELECT_LABELS)

@@ -250,6 +250,10 @@ def model_from_dict(data: dict[str, Any], where: str = "config.model") -> ModelC
     return _build(ModelConfig, data, where)
 
 
+# train.select_by's label-free criteria (computed in train.select, drawn in plots): one list of names
+SELECT_BY = ("boundary_density", "mass_valley")
+
+
 def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
     """Refuse a value that would crash or silently misbehave later (a zero divisor, an empty k-means,
     a negative size), naming the key: one line from the CLI, exit status 2. `only` (key prefixes): the
@@ -315,7 +319,7 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         ("train.select_from_epoch", t.select_from_epoch == 0 or t.pretrain_epochs <= t.select_from_epoch < t.epochs,
          f"0 (off) or a joint-phase epoch, in [{t.pretrain_epochs}, {t.epochs})"),
         ("train.select_jets", t.select_jets > 0, "> 0"),
-        ("train.select_by", t.select_by in ("boundary_density", "mass_valley"), "boundary_density or mass_valley"),
+        ("train.select_by", t.select_by in SELECT_BY, " or ".join(SELECT_BY)),
         ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),
         ("parallel.slices", cfg.parallel.slices >= 0 and t.batch_size % max(cfg.parallel.slices, 1) == 0,
          f">= 0 (0: off) and divide train.batch_size ({t.batch_size})"),
