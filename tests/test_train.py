@@ -131,7 +131,7 @@ def test_curve_scores_the_test_set_every_n_joint_phase_samples(single_run):
 
 
 def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_scores_it(toy_small, single_run,
-                                                                                          tmp_path):
+                                                                                          tmp_path, capsys):
     """single_run's joint epoch again, from its epoch-1 checkpoint, with train.select_from_epoch: training is
     unchanged; RUN/selected holds the point with the lowest boundary density, and `evaluate` scores that state
     (its test accuracy is the curve's at that point), or with last=True the last one. Resumed again from
@@ -154,6 +154,7 @@ def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_
     kept = checkpoint.list_checkpoints(run / "selected")
     side = json.loads(kept[0].with_suffix(".json").read_text())
     assert len(kept) == 1 and side["step"] == best["step"] and side["boundary_density"] == best["boundary_density"]
+    assert f"result: the state with the lowest boundary_density, {best['boundary_density']:.4f}" in capsys.readouterr().out
     shutil.copytree(run / "selected", tmp_path / "kept")
     summary = evaluate(run, toy_small[1], tmp_path / "eval", plots_too=False)
     assert summary["checkpoint_step"] == best["step"]

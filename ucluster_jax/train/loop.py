@@ -222,7 +222,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     finally:
         log.close()
     if selection is not None and rt.is_root and np.isfinite(selection.best):
-        print(f"result: the state with the lowest boundary density, {selection.best:.4f} "
+        print(f"result: the state with the lowest {cfg.train.select_by}, {selection.best:.4f} "
               f"({out / 'selected'}; `ucluster evaluate` scores it)", flush=True)
     return rec
 
