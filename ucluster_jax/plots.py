@@ -81,7 +81,7 @@ def training_curves(records: list[dict], path: Path, sample: str = SAMPLE) -> Pa
 
 # train.select_by's criteria as curve.jsonl names them, with their axis labels
 SELECT_LABELS = {"boundary_density": "boundary density, training jets (no labels; lowest kept)",
-                 "mass_valley": "GeV from the W|Z mass edge to the mass dip, training jets (lowest kept)"}
+                 "mass_valley": "W|Z mass edge to mass dip, GeV (lowest kept)"}
 
 
 def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[dict] | None = None,
