@@ -154,7 +154,8 @@ def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_
     kept = checkpoint.list_checkpoints(run / "selected")
     side = json.loads(kept[0].with_suffix(".json").read_text())
     assert len(kept) == 1 and side["step"] == best["step"] and side["boundary_density"] == best["boundary_density"]
-    assert f"result: the state with the lowest boundary_density, {best['boundary_density']:.4f}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"result: the state with the lowest boundary_density, {best['boundary_density']:.4f}" in said
     shutil.copytree(run / "selected", tmp_path / "kept")
     summary = evaluate(run, toy_small[1], tmp_path / "eval", plots_too=False)
     assert summary["checkpoint_step"] == best["step"]
