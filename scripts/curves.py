@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scipy.stats import spearmanr  # noqa: E402
 
 from ucluster_jax import plots  # noqa: E402
+from ucluster_jax.config import criterion_in  # noqa: E402
 from ucluster_jax.original_log import read_log  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> int:
                                                                                    rows[-1]["test_acc"])}
         print(f"{name}: last {rows[-1]['test_acc']:.4f} at {rows[-1]['joint_samples']:,} joint-phase samples; "
               f"best {best['test_acc']:.4f} at {best['joint_samples']:,}")
-        by = next((k for k in plots.SELECT_LABELS if any(k in r for r in rows)), None)
+        by = criterion_in(rows)
         chosen = [r for r in rows if r.get(by) is not None]
         if len(chosen) > 1:  # train.select_from_epoch's points: does the criterion sort the test accuracy?
             low = min(chosen, key=lambda r: r[by])

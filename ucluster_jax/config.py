@@ -254,6 +254,11 @@ def model_from_dict(data: dict[str, Any], where: str = "config.model") -> ModelC
 SELECT_BY = ("boundary_density", "mass_valley")
 
 
+def criterion_in(records: list[dict[str, Any]]) -> str | None:
+    """The select_by criterion these curve rows (or a kept state's sidecar) carry a value of, if any."""
+    return next((k for k in SELECT_BY if any(k in r for r in records)), None)
+
+
 def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
     """Refuse a value that would crash or silently misbehave later (a zero divisor, an empty k-means,
     a negative size), naming the key: one line from the CLI, exit status 2. `only` (key prefixes): the

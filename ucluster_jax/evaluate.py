@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ucluster_jax import anomaly, checkpoint, plots
-from ucluster_jax.config import Config, config_from_dict
+from ucluster_jax.config import Config, config_from_dict, criterion_in
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.errors import UserError
 from ucluster_jax.metrics import contingency_np, matched_accuracy, per_batch_accuracy
@@ -65,7 +65,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
     B = cfg.train.eval_batch_size
     per_batch = np.stack([contingency_np(cluster[i:i + B], label[i:i + B], k, len(names))
                           for i in range(0, len(cluster), B)])
-    by = select.chosen_by(meta)  # the criterion the scored state was selected by, if it was
+    by = criterion_in([meta])  # the criterion the scored state was selected by, if it was
     summary = {
         "accuracy_global": acc,
         "accuracy_per_batch": per_batch_accuracy(per_batch),

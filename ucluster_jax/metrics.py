@@ -114,9 +114,10 @@ def mass_valley(dist: np.ndarray, mu: np.ndarray, mass: np.ndarray, smooth_gev: 
     peaks = [i for i in range(1, len(h) - 1) if h[i - 1] < h[i] >= h[i + 1]]
     dips = [(min(h[i], h[j]) - h[i:j + 1].min(), i + int(np.argmin(h[i:j + 1])))
             for k, i in enumerate(peaks) for j in peaks[k + 1:]]
-    if not dips or max(dips)[0] <= 0:
+    depth, at = max(dips, default=(0.0, 0))
+    if depth <= 0:
         return float("nan")
-    valley = edges[max(dips)[1]] + 0.5
+    valley = edges[at] + 0.5
     heavier = np.r_[np.zeros(len(ma), bool), np.ones(len(mb), bool)]
     if np.median(ma) > np.median(mb):
         heavier = ~heavier

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ucluster_jax.config import criterion_in
 from ucluster_jax.plotstyle import SAMPLE, save, subplots
 
 
@@ -89,7 +90,7 @@ def accuracy_vs_samples(runs: dict[str, list[dict]], path: Path, original: list[
     """Global test accuracy and test k-means loss against joint-phase samples (RUN/curve.jsonl rows),
     with the original run's logged test accuracy (per-batch matched) on the same axis; where the rows
     carry it, the label-free criterion that train.select_from_epoch chooses the result by."""
-    by = next((k for k in SELECT_LABELS if any(k in r for rows in runs.values() for r in rows)), None)
+    by = criterion_in([r for rows in runs.values() for r in rows])
     fig, axes = subplots(1, 3 if by else 2, figsize=(18 if by else 12, 4.2))
     for name, rows in runs.items():
         tested = [r for r in rows if "test_acc" in r]

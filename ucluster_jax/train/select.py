@@ -85,11 +85,6 @@ def measure(rt: Runtime, cfg: Config, host: TrainState, batches: list[dict[str, 
     return CRITERIA[cfg.train.select_by](embed(rt, cfg, st, batches, train_mode_bn=False), np.asarray(st.params["mu"]))
 
 
-def chosen_by(meta: dict[str, Any]) -> str | None:
-    """The criterion a kept state's sidecar was chosen by (None: not a selected state)."""
-    return next((k for k in CRITERIA if k in meta), None)
-
-
 def load(run_dir: Path, template: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
     """The selected state and its sidecar, where the run kept one."""
     folder = Path(run_dir) / FOLDER
