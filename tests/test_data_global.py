@@ -132,10 +132,10 @@ def test_prepare_ranks_sizes_row_groups_for_the_ranks(tmp_path):
     assert line and "\n" not in line and str(big) in line and "--ranks 2" in line
 
 
-# -- training: 1 process vs 2 ranks vs 2 devices vs 2 ranks x 2 devices ------------------------------
+# -- training: 1 process vs 2 ranks vs 2 devices (2 ranks x 2 devices: tests/test_distributed.py) ----
 TINY = ["model.num_points=10", "model.k=3", "model.conv1_widths=[8,8]", "model.conv2_widths=[8,8]",
         "model.head_widths=[8,8]", "model.gap1_width=4", "model.gap2_width=8", "train.batch_size=32",
-        "train.epochs=3", "train.pretrain_epochs=1", "train.kmeans_restarts=2", "train.kmeans_iters=10",
+        "train.epochs=2", "train.pretrain_epochs=1", "train.kmeans_restarts=2", "train.kmeans_iters=10",
         "train.shuffle=true", "train.lr_decay_samples=20000", "train.eval_batch_size=100",
         "train.kmeans_embeddings=train_mode"]
 
@@ -160,18 +160,27 @@ def final(run: Path) -> tuple[np.ndarray, list[dict]]:
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory) -> tuple[Path, Path]:
+    """2048 training jets in a row group of 1500, five of 96 and one of 68: under 2 ranks one rank decodes
+    up to 2x its share (the read-factor warning shows), and dealing whole row groups left ranks unequal."""
     root = tmp_path_factory.mktemp("uneven")
-    write_toy(root / "train", 1000, 7, num_points=10, row_group_size=96)  # 10 groups of 96, one of 40
+    write_toy(root / "train", 1500, 3, num_points=10, row_group_size=1500)
+    write_toy(root / "small", 548, 5, num_points=10, row_group_size=96)
+    (root / "small" / "part-00000.parquet").rename(root / "train" / "part-00001.parquet")
     write_toy(root / "test", 300, 8, num_points=10, row_group_size=70)
     return root / "train", root / "test"
 
 
-def launch(log: Path, cmd: list[str], devices: int = 1) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env_with(devices), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def launch(log: Path, cmd: list[str], devices: int = 1, err: Path | None = None) -> subprocess.Popen:
+    """cmd in the background, its output in `log` (stderr in `err` where given)."""
+    return subprocess.Popen(cmd, env=env_with(devices), stdout=open(log, "w"),
+                            stderr=open(err, "w") if err else subprocess.STDOUT)
 
 
 def finished(p: subprocess.Popen, log: Path) -> None:
     assert p.wait(timeout=1200) == 0, log.read_text()[-3000:]
+
+
+MPIRUN2 = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +192,21 @@ def one_process(uneven, tmp_path_factory) -> Path:
     p.kill()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(uneven, tmp_path_factory) -> Path:
+    """`mpirun -np 2 ucluster train`, launched in the background: checked against one process, and the
+    uninterrupted run that a run killed and resumed must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("two")
+    p = launch(root / "out", [*MPIRUN2, *ucluster_args(*uneven, root / "run")], err=root / "err")
+    yield p, root
+    p.kill()
+
+
 def assert_same_training(run: Path, one_process) -> None:
     p, root = one_process
     finished(p, root / "log")
     ref_params, ref = final(root / "run")
-    assert [r["steps"] for r in ref] == [1000 // 32] * 3  # old dealing under 2 ranks: 2 x 4 groups of 96 -> 24
+    assert [r["steps"] for r in ref] == [2048 // 32] * 2  # dealt whole row groups, a rank could hold 288 jets
     params, recs = final(run)
     assert [r["steps"] for r in recs] == [r["steps"] for r in ref]
     assert [r["samples_seen"] for r in recs] == [r["samples_seen"] for r in ref]
@@ -197,30 +216,29 @@ def assert_same_training(run: Path, one_process) -> None:
     print(f"{run.name}: relative loss differences {rel}, parameters {worst:.2g}, test accuracy {acc:.4f}")
     # rounding differences, amplified by Adam (tests/test_distributed.py): 2.8e-4 on the loss after epoch 0;
     # the small k-means term (0.1 against 20) moves most in relative terms
-    assert rel["loss"] < 5e-3 and rel["focal"] < 5e-3 and rel["kmeans"] < 5e-2, rel  # measured: 2.4e-3 at most
-    # measured 0.010 (3 of 300 jets) for 2 ranks on this 3-epoch tiny model; the issue's old dealing: 0.069
-    assert acc < 0.02
-    assert worst < 5e-2  # mu included: the same clusters in the same order
+    assert rel["loss"] < 5e-3 and rel["focal"] < 5e-3 and rel["kmeans"] < 5e-2, rel
+    assert acc < 0.02  # a few of the 300 test jets; the issue's old dealing: 0.069
+    assert worst < 0.1  # measured 0.03-0.042 after 2 x 64 steps; mu included: the same clusters in the same order
 
 
-def test_cli_two_ranks_train_like_one_process(uneven, one_process, tmp_path):
-    two = mpirun(2, *ucluster_args(*uneven, tmp_path / "run"), env=env_with(), timeout=1200)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    assert "row groups of up to" not in two.stderr  # the read-factor warning (loop.uneven_read_warning)
-    assert two.stdout.count("epoch   2") == 1  # only rank 0 logs
-    assert len(list((tmp_path / "run" / "checkpoints").glob("*.msgpack"))) == 3  # one writer: rank 0
-    assert [e for e, _ in tb_scalars(tmp_path / "run")["epoch/loss"]] == [0, 1, 2]  # one event writer: rank 0
-    assert_same_training(tmp_path / "run", one_process)
+def test_cli_two_ranks_train_like_one_process(uneven, one_process, two_ranks):
+    p, root = two_ranks
+    finished(p, root / "err")
+    out, err = (root / "out").read_text(), (root / "err").read_text()
+    # the read-factor warning (loop.uneven_read_warning), once: only rank 0 speaks
+    assert err.count("warning:") == 1 and f"{uneven[0]}: row groups of up to 1500 jets" in err, err[-3000:]
+    assert out.count("epoch   1") == 1  # only rank 0 logs
+    assert len(list((root / "run" / "checkpoints").glob("*.msgpack"))) == 2  # one writer: rank 0
+    assert [e for e, _ in tb_scalars(root / "run")["epoch/loss"]] == [0, 1]  # one event writer: rank 0
+    assert_same_training(root / "run", one_process)
 
 
-def test_cli_two_devices_and_two_ranks_x_two_devices_train_like_one_process(uneven, one_process, tmp_path):
-    local = launch(tmp_path / "devices.log", ucluster_args(*uneven, tmp_path / "devices", "--devices", "2"), 2)
-    hybrid = mpirun(2, *ucluster_args(*uneven, tmp_path / "hybrid", "--engine", "hybrid"), env=env_with(2),
-                    timeout=1200)
-    assert hybrid.returncode == 0, hybrid.stdout[-2000:] + hybrid.stderr[-3000:]
-    finished(local, tmp_path / "devices.log")
+def test_cli_two_devices_train_like_one_process(uneven, one_process, tmp_path):
+    # two ranks x two devices (engine hybrid): the rank slice of the run above, then this device split;
+    # its step is held to the single-process step in tests/test_distributed.py
+    p = launch(tmp_path / "devices.log", ucluster_args(*uneven, tmp_path / "devices", "--devices", "2"), 2)
+    finished(p, tmp_path / "devices.log")
     assert_same_training(tmp_path / "devices", one_process)
-    assert_same_training(tmp_path / "hybrid", one_process)
 
 
 # -- a rank killed mid-epoch, and the resume --------------------------------------------------------
@@ -248,24 +266,15 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-def test_sigkill_one_rank_mid_epoch_ends_the_job_and_resumes_to_the_uninterrupted_result(tmp_path):
+def test_sigkill_one_rank_mid_epoch_ends_the_job_and_resumes_to_the_uninterrupted_result(uneven, two_ranks, tmp_path):
     """Issue 4.1 and 18: rank 1 of `mpirun -np 2 ucluster train` killed with SIGKILL inside epoch 1 (after
     k-means) ends the whole job promptly with a message naming the rank; `--resume` continues at the step
-    after the newest mid-epoch checkpoint and reaches exactly the state of a run never interrupted."""
-    data, test = tmp_path / "data", tmp_path / "test"
-    write_toy(data, 1500, 3, num_points=10, row_group_size=1500)  # two row groups, 1500 and 548 jets:
-    write_toy(data / "b", 548, 5, num_points=10)  # a rank decodes up to 2x its share; the warning shows
-    (data / "b" / "part-00000.parquet").rename(data / "part-00001.parquet")
-    write_toy(test, 100, 4, num_points=10, row_group_size=100)
-    killed, ref = tmp_path / "killed", tmp_path / "ref"
-    args = ["--checkpoint-every-steps", "5", "--set", "train.epochs=2", "--set", "train.keep_checkpoints=100"]
-    cmd = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2",
-           *ucluster_args(data, test, killed, *args)]
+    after the newest mid-epoch checkpoint and reaches exactly the state of the run never interrupted
+    (the `two_ranks` fixture: the same data, world size and settings; checkpoints do not change numbers)."""
+    killed = tmp_path / "killed"
+    args = ["--checkpoint-every-steps", "5", "--set", "train.keep_checkpoints=100"]
     out_log, err_log = tmp_path / "killed.out", tmp_path / "killed.err"
-    p = subprocess.Popen(cmd, env=env_with(), stdout=open(out_log, "w"), stderr=open(err_log, "w"))
-    log = open(tmp_path / "reference.log", "w")
-    reference = subprocess.Popen([*cmd[:5], *ucluster_args(data, test, ref, *args)], env=env_with(), stdout=log,
-                                 stderr=subprocess.STDOUT)
+    p = launch(out_log, [*MPIRUN2, *ucluster_args(*uneven, killed, *args)], err=err_log)
     first = killed / "checkpoints" / f"ckpt-{64 + 10:010d}.json"  # 64 steps per epoch: epoch 1, step 10
     deadline = time.monotonic() + 1200
     pids: dict[int, int] = {}
@@ -289,7 +298,6 @@ def test_sigkill_one_rank_mid_epoch_ends_the_job_and_resumes_to_the_uninterrupte
     # Open MPI (prterun) names the rank and its pid: "process rank 1 with PID N on node X exited on signal 9"
     both = " ".join((out + err).split())
     assert f"rank 1 with PID {pids[1]}" in both and "signal 9" in both, (out + err)[-3000:]
-    assert err.count("warning:") == 1 and f"{data}: row groups of up to 1500 jets" in err
     deadline = time.monotonic() + 10  # every rank gone (or a zombie awaiting its reaper)
     while not all(not Path(f"/proc/{q}").exists() or "Z" in Path(f"/proc/{q}/stat").read_text().split()[2]
                   for q in pids.values()):
@@ -299,10 +307,12 @@ def test_sigkill_one_rank_mid_epoch_ends_the_job_and_resumes_to_the_uninterrupte
     meta = json.loads(last.with_suffix(".json").read_text())
     assert meta["next"][0] == 1 and 10 <= meta["next"][1] < 2048 // 32, meta  # killed inside epoch 1
 
-    resumed = mpirun(2, *ucluster_args(data, test, killed, *args, "--resume"), env=env_with(), timeout=1200)
+    resumed = mpirun(2, *ucluster_args(*uneven, killed, *args, "--resume"), env=env_with(), timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "epoch   1" in resumed.stdout and "epoch   0" not in resumed.stdout  # only rank 0 logs
-    assert reference.wait(timeout=1200) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    assert resumed.stdout.count("epoch   1") == 1 and "epoch   0" not in resumed.stdout  # only rank 0 logs
+    reference, root = two_ranks
+    finished(reference, root / "err")
+    ref = root / "run"
     a, recs_a = final(killed)
     b, recs_b = final(ref)
     assert [r["epoch"] for r in recs_a] == [r["epoch"] for r in recs_b] == [0, 1]

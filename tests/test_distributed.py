@@ -1,6 +1,7 @@
 """Data parallelism under a real mpirun: the distributed step is the single-process step on the global batch."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,47 +116,40 @@ def test_per_replica_batchnorm_leaves_one_allreduce_per_step(sync, allreduces):
     assert int(p.stdout.split()[-1]) == allreduces
 
 
-def test_resume_at_another_world_size(toy_small, single_run, tmp_path):
-    """A run trained by one process continues under 2 ranks (any world size dividing the batch)."""
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(single_run, run)
-    sets = [a for s in TINY + ["train.epochs=4"] for a in ("--set", s)]
-    r = mpirun(2, sys.executable, "-m", "ucluster_jax.cli", "train", "--config", "configs/demo.yaml",
-               "--data", str(toy_small[0]), "--out", str(run), "--resume", *sets, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in recs] == [0, 1, 2, 3]
-    assert recs[3]["step"] == 4 * (768 // 64) and recs[3]["samples_seen"] == 4 * 768
-
-
 def test_fixed_slices_give_one_process_and_two_ranks_the_same_bits(toy_small, tmp_path):
-    """parallel.slices=2: `ucluster train` in one process and under mpirun -np 2 (each rank seeing the
-    same cores) write bit-identical checkpoints and the same losses and accuracies (issue #18), and select
-    the same state as the run's result (train.select_from_epoch: measured on rank 0, broadcast)."""
+    """parallel.slices=2: a run trained by one process, continued under mpirun -np 2 from its last
+    pre-training checkpoint (each rank seeing the same cores), writes bit-identical checkpoints and the same
+    losses and accuracies as the one process (issue #18): a checkpoint resumes at another world size; the
+    k-means start and the joint phase run over both ranks; the same state is selected as the run's result
+    (train.select_from_epoch: measured on rank 0, broadcast)."""
     more = ["parallel.slices=2", "train.select_from_epoch=2", "train.eval_every_samples=256", "train.select_jets=300"]
     sets = [a for s in TINY + more for a in ("--set", s)]
     args = ["-m", "ucluster_jax.cli", "train", "--config", "configs/demo.yaml", "--data", str(toy_small[0]),
             "--test-data", str(toy_small[1]), *sets]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                         cwd=REPO, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = mpirun(2, "--bind-to", "none", sys.executable, *args, "--out", str(tmp_path / "two"), timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, *args, "--out", str(one)], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("selected"))
+    last = sorted((two / "checkpoints").glob("ckpt-*"))[-2:]  # epoch 2's (.json, .msgpack): the joint epoch
+    assert json.loads(last[0].read_text())["epoch"] == 2
+    for f in last:
+        f.unlink()
+    r = mpirun(2, "--bind-to", "none", sys.executable, *args, "--out", str(two), "--resume", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
     def ran(run):
         recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k != "jets_per_s"} for r in recs]
 
-    assert ran(tmp_path / "one") == ran(tmp_path / "two")
-    assert len(ran(tmp_path / "one")) == 3 and ran(tmp_path / "one")[-1]["test_acc"] is not None
-    ckpts = [sorted((tmp_path / r / "checkpoints").glob("*.msgpack")) for r in ("one", "two")]
+    assert ran(one) == ran(two)
+    assert len(ran(one)) == 3 and ran(one)[-1]["test_acc"] is not None
+    ckpts = [sorted((r / "checkpoints").glob("*.msgpack")) for r in (one, two)]
     assert [p.name for p in ckpts[0]] == [p.name for p in ckpts[1]] and ckpts[0]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*ckpts))
     meta = json.loads(ckpts[1][-1].with_suffix(".json").read_text())
-    assert meta["world"] == 2 and meta["replicas"] == 2
-    chosen = [sorted((tmp_path / r / "selected" / "checkpoints").glob("*.msgpack")) for r in ("one", "two")]
+    assert meta["epoch"] == 2 and meta["world"] == 2 and meta["replicas"] == 2  # written by the two ranks
+    chosen = [sorted((r / "selected" / "checkpoints").glob("*.msgpack")) for r in (one, two)]
     assert len(chosen[0]) == 1 and chosen[0][0].name == chosen[1][0].name
     assert chosen[0][0].read_bytes() == chosen[1][0].read_bytes()
 
