@@ -99,6 +99,12 @@ def test_param_ema_averages_the_joint_phase_and_is_what_is_scored(toy_small, sin
     stored["train"]["select_from_epoch"] = 99
     (run / "config.json").write_text(json.dumps(stored))
     assert np.array_equal(ravel_pytree(jax.device_get(load_run(run)[1].params))[0], ema)
+    # so is one with a training option this version no longer has; not one with an unknown model key
+    (run / "config.json").write_text(json.dumps({**stored, "train": {**stored["train"], "removed_option": 1}}))
+    assert np.array_equal(ravel_pytree(jax.device_get(load_run(run)[1].params))[0], ema)
+    (run / "config.json").write_text(json.dumps({**stored, "model": {**stored["model"], "removed": 1}}))
+    with pytest.raises(ConfigError, match=r"config.json.model: unknown key\(s\) removed"):
+        load_run(run)
     (run / "config.json").write_text(json.dumps({**stored, "model": {**stored["model"], "k": 0}}))
     with pytest.raises(ConfigError, match=r"model.k=0"):
         load_run(run)

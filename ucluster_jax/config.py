@@ -239,10 +239,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config", only: tuple[str, ...] = ()) -> Config:
-    """`only`: validate just the keys starting with these prefixes (see `validate`)."""
-    cfg = _build(Config, data, where)
+    """`only`: read and validate just the keys starting with these prefixes (see `validate`); a key
+    outside them that this version no longer has (a training option removed since) is passed over."""
+    cfg = _build(Config, _known(Config, data, only) if only else data, where)
     validate(cfg, only)
     return cfg
+
+
+def _known(cls: type, data: Any, only: tuple[str, ...], path: str = "") -> Any:
+    """`data` without the keys `cls` does not have, except those under the prefixes `only` (refused later)."""
+    if not isinstance(data, dict):
+        return data
+    known = {f.name for f in fields(cls)}
+    kept = {}
+    for key, value in data.items():
+        dotted = path + key
+        if key in known:
+            default = getattr(cls(), key)
+            kept[key] = _known(type(default), value, only, dotted + ".") if is_dataclass(default) else value
+        elif any(dotted.startswith(p) for p in only):
+            kept[key] = value
+    return kept
 
 
 def model_from_dict(data: dict[str, Any], where: str = "config.model") -> ModelConfig:
