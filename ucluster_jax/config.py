@@ -239,8 +239,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config", only: tuple[str, ...] = ()) -> Config:
-    """`only`: read and validate just the keys starting with these prefixes (see `validate`); a key
-    outside them that this version no longer has (a training option removed since) is passed over."""
+    """`only`: validate just the keys starting with these prefixes (see `validate`), and pass over a key
+    outside them that this version no longer has (a training option removed since)."""
     cfg = _build(Config, _known(Config, data, only) if only else data, where)
     validate(cfg, only)
     return cfg
