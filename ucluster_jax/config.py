@@ -180,19 +180,23 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise ConfigError(f"{where}: cannot use {value!r} as {getattr(typ, '__name__', typ)}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type, data: dict[str, Any], where: str, only: tuple[str, ...] = (), path: str = "") -> Any:
+    """`only` (key prefixes, with `path` the dotted key of `data`): an unknown key outside them, a
+    training option removed since a finished run was made, is passed over rather than refused."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(k for k in set(data) - set(known) if not only or any((path + k).startswith(p) for p in only))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
     kwargs = {}
     for name, value in data.items():
+        if name not in known:
+            continue
         default = getattr(cls(), name)
         if is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+            kwargs[name] = _build(type(default), value, f"{where}.{name}", only, f"{path}{name}.")
         else:
             kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
@@ -241,25 +245,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def config_from_dict(data: dict[str, Any], where: str = "config", only: tuple[str, ...] = ()) -> Config:
     """`only`: validate just the keys starting with these prefixes (see `validate`), and pass over a key
     outside them that this version no longer has (a training option removed since)."""
-    cfg = _build(Config, _known(Config, data, only) if only else data, where)
+    cfg = _build(Config, data, where, only)
     validate(cfg, only)
     return cfg
-
-
-def _known(cls: type, data: Any, only: tuple[str, ...], path: str = "") -> Any:
-    """`data` without the keys `cls` does not have, except those under the prefixes `only` (refused later)."""
-    if not isinstance(data, dict):
-        return data
-    known = {f.name for f in fields(cls)}
-    kept = {}
-    for key, value in data.items():
-        dotted = path + key
-        if key in known:
-            default = getattr(cls(), key)
-            kept[key] = _known(type(default), value, only, dotted + ".") if is_dataclass(default) else value
-        elif any(dotted.startswith(p) for p in only):
-            kept[key] = value
-    return kept
 
 
 def model_from_dict(data: dict[str, Any], where: str = "config.model") -> ModelConfig:
