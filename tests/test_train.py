@@ -340,6 +340,22 @@ def test_evaluate_names_the_datasets_classes(single_run, toy_small, tmp_path):
     assert np.asarray(s["confusion"]).sum() == 256
 
 
+def test_candidates_and_the_run_share_one_compiled_step():
+    """The pre-training candidates and the joint phase differ only in what the step never reads (seed,
+    length, selection), as `ucluster tune`'s trials do: one runtime hands them one compiled step; another
+    learning rate gets its own."""
+    from ucluster_jax.train.candidates import with_seed
+
+    rt = setup("single")
+    cfg = load_config("configs/demo.yaml", TINY + ["train.pretrain_candidates=2", "train.select_from_epoch=2"])
+    step = rt.make_step(cfg)
+    candidate = with_seed(cfg, 4, epochs=cfg.train.pretrain_epochs, pretrain_candidates=1, select_from_epoch=0)
+    assert rt.make_step(candidate) is step
+    trial = load_config("configs/demo.yaml", TINY + ["loss.beta=3", "loss.alpha_scale=2", "train.kmeans_restarts=2"])
+    assert rt.make_step(trial) is step  # `ucluster tune`'s space: read by the loop, not the step
+    assert rt.make_step(load_config("configs/demo.yaml", TINY + ["train.learning_rate=0.5"])) is not step
+
+
 def test_pretrain_candidates_go_on_as_the_seed_whose_start_follows_the_mass(toy_small, tmp_path):
     """train.pretrain_candidates=2: two pre-trainings, the one whose W|Z split follows the mass most closely
     goes on, and the whole run is that seed's run; a resume reads the choice back. (From seed 3 these toy

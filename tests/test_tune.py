@@ -1,7 +1,7 @@
 """`ucluster tune` (issue 13): real Optuna storage, real training, tiny toy jets.
 
 The space varies only what the compiled step does not bake in (the cluster weight, the alpha ramp,
-k-means restarts, the seed), so trials after the first hit the session's compilation cache.
+k-means restarts, the seed), so a worker's later trials reuse its compiled step (`step_key`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """ABCNet trunk and the UCluster model (SPEC section 2), multiclass and anomaly variants in one code."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -95,7 +97,14 @@ def init_variables(cfg: ModelConfig, seed: int | jax.Array) -> dict:
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     x = jnp.zeros((2, cfg.num_points, cfg.num_features), jnp.float32)
     g = jnp.zeros((2, cfg.num_global), jnp.float32) if cfg.num_global else None
-    return jax.jit(UCluster(cfg).init, static_argnames="train")(key, x, train=True, global_features=g)
+    return _compiled_init(cfg)(key, x, train=True, global_features=g)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_init(cfg: ModelConfig):
+    """One compiled initialiser per model: a run makes states several times (pre-training candidates,
+    resume templates), each a recompilation with a fresh jit."""
+    return jax.jit(UCluster(cfg).init, static_argnames="train")
 
 
 def count_params(params) -> int:

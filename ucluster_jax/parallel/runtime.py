@@ -21,7 +21,7 @@ from ucluster_jax.data.schema import CLASS_NAMES
 from ucluster_jax.errors import UserError
 from ucluster_jax.parallel import sliced
 from ucluster_jax.parallel.mpi import MPIComm, launched_world, param_checksum, require_mpi4jax
-from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step
+from ucluster_jax.train.step import make_apply_fn, make_grads_fn, make_train_step, step_key
 
 AXIS = "replica"
 
@@ -193,6 +193,7 @@ class Runtime:
     comm: MPIComm | None = None
     stats_per_replica: bool = False  # each replica keeps its own BN moving averages (set by configure)
     slices: int = 0  # parallel.slices (set by configure): the state holds a copy of the BN statistics per slice
+    _steps: dict = field(default_factory=dict, repr=False)  # make_step's, by what the step reads of the config
 
     @property
     def num_local(self) -> int:
@@ -244,9 +245,11 @@ class Runtime:
         `num_classes`: the dataset's classes (contingency width).
         `with_grads`: metrics["grads"] is the replica-averaged gradient the update applied."""
         self.configure(cfg)
-        if self.slices:
-            return sliced.make_sliced_step(self, cfg, num_classes=num_classes, with_grads=with_grads)
-        return self.engine.make_step(self, cfg, num_classes=num_classes, with_grads=with_grads)
+        key = (step_key(cfg), num_classes, with_grads)
+        if key not in self._steps:  # one compilation for the pre-training candidates and the run's joint phase
+            make = partial(sliced.make_sliced_step, self) if self.slices else partial(self.engine.make_step, self)
+            self._steps[key] = make(cfg, num_classes=num_classes, with_grads=with_grads)
+        return self._steps[key]
 
     # ---- placement ----
     @property

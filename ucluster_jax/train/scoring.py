@@ -18,12 +18,13 @@ from ucluster_jax.model.networks import centroid_distances
 from ucluster_jax.parallel.runtime import Runtime
 from ucluster_jax.train.kmeans import kmeans
 from ucluster_jax.train.state import TrainState, scored
-from ucluster_jax.train.step import make_eval_fn
+from ucluster_jax.train.step import make_eval_fn, step_key
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_eval(cfg: Config, train_mode_bn: bool):
-    """One jitted evaluation function per (config, BN mode): scoring every epoch compiles once."""
+    """One jitted evaluation function per (config as `step_key` sees it, BN mode): scoring every epoch, and
+    every pre-training candidate, compiles once."""
     return jax.jit(make_eval_fn(cfg, train_mode_bn=train_mode_bn))
 
 
@@ -31,7 +32,7 @@ def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[di
           train_mode_bn: bool) -> dict[str, np.ndarray]:
     """Embeddings, distances, per-jet logits, global features, labels and masses of `batches` (one device
     per rank), in order."""
-    fn = _compiled_eval(cfg, train_mode_bn)
+    fn = _compiled_eval(step_key(cfg), train_mode_bn)
     dev = rt.devices[0]
     state = jax.device_put(host_state, dev)
     m = cfg.model

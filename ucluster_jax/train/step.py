@@ -5,6 +5,7 @@ The step knows nothing of devices or MPI: data parallelism passes two reductions
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -36,6 +37,16 @@ def contingency(dist: Array, label: Array, num_clusters: int, num_classes: int) 
     onehot_k = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.int32) * valid[:, None]
     onehot_c = jax.nn.one_hot(jnp.where(valid, label, 0), num_classes, dtype=jnp.int32)
     return onehot_k.T @ onehot_c
+
+
+def step_key(cfg: Config) -> Config:
+    """The config as a compiled step or evaluation sees it. What only the loop reads is set to fixed values:
+    the seed, the run's length and selection (the pre-training candidates differ there from the run that
+    goes on), the cluster weight and alpha ramp (they reach the step through the state) and the k-means
+    restarts: runs or `ucluster tune` trials differing only there share one compilation in a process."""
+    train = dataclasses.replace(cfg.train, seed=0, epochs=1, pretrain_candidates=1, select_from_epoch=0,
+                                kmeans_restarts=1)
+    return dataclasses.replace(cfg, train=train, loss=dataclasses.replace(cfg.loss, beta=1.0, alpha_scale=1.0))
 
 
 def make_train_step(cfg: Config, *, replica_sum: ReplicaSum | None = None, grad_mean: GradMean | None = None,
