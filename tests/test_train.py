@@ -343,7 +343,7 @@ def test_evaluate_names_the_datasets_classes(single_run, toy_small, tmp_path):
 def test_candidates_and_the_run_share_one_compiled_step():
     """The pre-training candidates and the joint phase differ only in what the step never reads (seed,
     length, selection), as `ucluster tune`'s trials do: one runtime hands them one compiled step; another
-    learning rate gets its own."""
+    learning rate gets its own, and only the last four are kept."""
     from ucluster_jax.train.candidates import with_seed
 
     rt = setup("single")
@@ -354,6 +354,9 @@ def test_candidates_and_the_run_share_one_compiled_step():
     trial = load_config("configs/demo.yaml", TINY + ["loss.beta=3", "loss.alpha_scale=2", "train.kmeans_restarts=2"])
     assert rt.make_step(trial) is step  # `ucluster tune`'s space: read by the loop, not the step
     assert rt.make_step(load_config("configs/demo.yaml", TINY + ["train.learning_rate=0.5"])) is not step
+    for lr in (0.1, 0.2, 0.3, 0.4):  # a worker trying learning rates keeps the last four steps, not every one
+        rt.make_step(load_config("configs/demo.yaml", TINY + [f"train.learning_rate={lr}"]))
+    assert rt.make_step(cfg) is not step and len(rt._steps) == 4
 
 
 def test_pretrain_candidates_go_on_as_the_seed_whose_start_follows_the_mass(toy_small, tmp_path):

@@ -247,6 +247,8 @@ class Runtime:
         self.configure(cfg)
         key = (step_key(cfg), num_classes, with_grads)
         if key not in self._steps:  # one compilation for the pre-training candidates and the run's joint phase
+            if len(self._steps) >= 4:  # a tune worker trying learning rates: the oldest steps' programs go
+                del self._steps[next(iter(self._steps))]
             make = partial(sliced.make_sliced_step, self) if self.slices else partial(self.engine.make_step, self)
             self._steps[key] = make(cfg, num_classes=num_classes, with_grads=with_grads)
         return self._steps[key]
