@@ -344,12 +344,12 @@ def test_candidates_and_the_run_share_one_compiled_step():
     """The pre-training candidates and the joint phase differ only in what the step never reads (seed,
     length, selection), as `ucluster tune`'s trials do: one runtime hands them one compiled step; another
     learning rate gets its own, and only the last four are kept."""
-    from ucluster_jax.train.candidates import with_seed
+    from ucluster_jax.train.candidates import pretraining_config
 
     rt = setup("single")
     cfg = load_config("configs/demo.yaml", TINY + ["train.pretrain_candidates=2", "train.select_from_epoch=2"])
     step = rt.make_step(cfg)
-    candidate = with_seed(cfg, 4, epochs=cfg.train.pretrain_epochs, pretrain_candidates=1, select_from_epoch=0)
+    candidate = pretraining_config(cfg, 4)
     assert rt.make_step(candidate) is step
     trial = load_config("configs/demo.yaml", TINY + ["loss.beta=3", "loss.alpha_scale=2", "train.kmeans_restarts=2"])
     assert rt.make_step(trial) is step  # `ucluster tune`'s space: read by the loop, not the step

@@ -130,7 +130,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
     out = Path(out)
     made = None  # (state, mu, start) of the chosen pre-training candidate, when chosen now
     if t.pretrain_candidates > 1:
-        seed, made = candidates.choose(rt, cfg, data, out, ds, resume=resume, train_fn=train, load_fn=resume_state)
+        seed, made = pretrain_candidates(rt, cfg, data, out, ds, resume)
         cfg = candidates.with_seed(cfg, seed)  # the run goes on as the seed-`seed` run
         t = cfg.train
         resume = resume and made is None
@@ -225,6 +225,26 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         print(f"result: the state with the lowest {cfg.train.select_by}, {selection.best:.4f} "
               f"({out / 'selected'}; `ucluster evaluate` scores it)", flush=True)
     return rec
+
+
+def pretrain_candidates(rt: Runtime, cfg: Config, data: Path, out: Path, ds: ParquetDataset,
+                        resume: bool) -> tuple[int, tuple | None]:
+    """Pre-train each candidate seed (train/candidates.py) as a run of its own and choose one: returns the
+    seed, with (its pre-trained state, mu, start) when chosen now; None when a resumed run is past the choice."""
+    known = candidates.made_before(rt, out, resume)
+    if known is not None:
+        return known, None
+    made = {}
+    for seed in candidates.seeds(cfg):
+        c, sub = candidates.pretraining_config(cfg, seed), candidates.candidate_dir(out, seed)
+        again = resume and rt.bcast(bool(checkpoint.list_checkpoints(sub)) if rt.is_root else None)
+        train(c, data, sub, resume=again, rt=rt)
+        host = resume_state(rt, c, sub, create_state(c))[0]
+        made[seed] = (host, *init_centroids(rt, c, host, ds))  # start: rank 0 only
+        if rt.is_root:
+            print(f"candidate seed {seed}: start: {format_start(made[seed][2])}", flush=True)
+    seed = candidates.pick(rt, out, {s: m[2] for s, m in made.items()})
+    return seed, made[seed]
 
 
 def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, *, start_step: int = 0,
