@@ -187,6 +187,29 @@ def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_
     assert not (run / "selected").exists() and evaluate(run, toy_small[1], plots_too=False)["checkpoint_step"] == 36
 
 
+def test_select_every_samples_scores_the_window_more_often(single_run, toy_small, tmp_path):
+    """train.select_every_samples: inside the selection window the points come at that cadence instead of
+    eval_every_samples; training is unchanged, the test points of the coarser cadence are among them with
+    the same accuracy, and the kept state is the lowest of all of them."""
+    import shutil
+
+    run = tmp_path / "fine"
+    keep_first = lambda d, names: [n for n in names if not n.startswith("ckpt-0000000024.")]  # noqa: E731
+    shutil.copytree(single_run / "checkpoints", run / "checkpoints", ignore=keep_first)
+    cfg = load_config("configs/demo.yaml", TINY + ["train.eval_every_samples=256", "train.select_from_epoch=2",
+                                                   "train.select_every_samples=128", "train.select_jets=300"])
+    train(cfg, toy_small[0], run, test_data=toy_small[1], resume=True)
+    assert np.array_equal(final_params(run)[0], final_params(single_run)[0])
+    rows = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    coarse = {json.loads(line)["step"]: json.loads(line)["test_acc"]
+              for line in (single_run / "curve.jsonl").read_text().splitlines()}
+    assert [r["step"] for r in rows] == [26, 28, 30, 32, 34, 36]  # every 2 steps of 64 jets, and the epoch end
+    assert {r["step"]: r["test_acc"] for r in rows if r["step"] in coarse} == coarse
+    best = min(rows, key=lambda r: r["boundary_density"])
+    side = json.loads(checkpoint.list_checkpoints(run / "selected")[0].with_suffix(".json").read_text())
+    assert side["step"] == best["step"] and side["boundary_density"] == best["boundary_density"]
+
+
 def test_boundary_density_is_low_where_the_boundary_crosses_a_dip():
     """Two clusters along axis 0: with a gap between the two groups of points the boundary between the two
     closer centroids is empty; through the middle of one uniform group it is crowded. The third, far

@@ -109,6 +109,8 @@ class TrainConfig:
     # of the two closest clusters on the first select_jets training jets (no labels), and keep the state
     # where it is lowest as the run's result (RUN/selected; train/select.py). 0: the last state
     select_from_epoch: int = 0
+    select_every_samples: int = 0  # > 0: from select_from_epoch on, the points come every N joint-phase samples
+                                   # instead of eval_every_samples (more states to choose from; 0: the same)
     select_jets: int = 15_000
     select_by: str = "boundary_density"  # or "mass_valley" (GeV from their mass edge to the jet-mass dip)
     checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
@@ -328,6 +330,7 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         ("train.param_ema", 0 <= t.param_ema < 1, "in [0, 1)"),
         ("train.select_from_epoch", t.select_from_epoch == 0 or t.pretrain_epochs <= t.select_from_epoch < t.epochs,
          f"0 (off) or a joint-phase epoch, in [{t.pretrain_epochs}, {t.epochs})"),
+        ("train.select_every_samples", t.select_every_samples >= 0, ">= 0 (0: at the test points)"),
         ("train.select_jets", t.select_jets > 0, "> 0"),
         ("train.select_by", t.select_by in SELECT_BY, " or ".join(SELECT_BY)),
         ("train.tensorboard_latent_every", t.tensorboard_latent_every >= 0, ">= 0 (0: never)"),

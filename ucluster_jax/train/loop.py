@@ -188,11 +188,14 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
             scores = []
             if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
                 scores.append(functools.partial(score_test, rt, cfg, test_ds, alpha=alpha))
+            score_every = t.eval_every_samples
             if selection is not None and epoch >= t.select_from_epoch:
                 scores.append(functools.partial(selection, epoch=epoch))
+                score_every = t.select_every_samples or score_every
             score = functools.partial(curve_point, scores=scores, point=log.point, epoch=epoch,
                                       joint_start=t.pretrain_epochs * steps * t.batch_size) if scores else None
-            state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
+            state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score,
+                                   score_every_samples=score_every)
             host = rt.host_state(state)
             if int(host.nonfinite_steps) > 0:
                 msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
@@ -248,12 +251,13 @@ def pretrain_candidates(rt: Runtime, cfg: Config, data: Path, out: Path, ds: Par
 
 
 def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, *, start_step: int = 0,
-              on_step: Callable[[Any, int], None] | None = None, score: Callable[[TrainState], dict] | None = None):
+              on_step: Callable[[Any, int], None] | None = None, score: Callable[[TrainState], dict] | None = None,
+              score_every_samples: int = 0):
     """Steps start_step.. of an epoch; on_step(state, s) after every train.checkpoint_every_steps-th step
-    s inside it, score(host state) every train.eval_every_samples. The record's losses average the steps
+    s inside it, score(host state) every score_every_samples. The record's losses average the steps
     run here."""
     t = cfg.train
-    every = max(1, t.eval_every_samples // t.batch_size) if t.eval_every_samples else 0
+    every = max(1, score_every_samples // t.batch_size) if score_every_samples else 0
     steps = ds.steps_per_epoch(t.batch_size)
     if steps == 0:
         raise DataError(f"{ds.path}: {ds.num_jets} jets, fewer than one global batch ({t.batch_size})")
