@@ -3,7 +3,9 @@
     python scripts/curves.py --run "81 % recipe=RUN_A" --run "CPU recipe=RUN_B" \
         --original ../shared/original_ucluster_ckpt/log_dkm.txt --out docs/img/accuracy_vs_samples.png
 
-Prints, per run, the test accuracy reached at each point and the best one; `--json` keeps them.
+Prints, per run, the test accuracy reached at each point and the best one; `--json` keeps them. With
+`--cadences 4992,29952`: what the selection would have kept had its points come only every N samples (and at
+the epoch ends), read off a run scored more often (train.select_every_samples).
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ def main() -> int:
     ap.add_argument("--original", type=Path, help="the original's log_dkm.txt")
     ap.add_argument("--out", type=Path, required=True, help="PNG")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cadences", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                    metavar="N,N", help="joint-phase samples between the selection's points to compare")
     args = ap.parse_args()
-    runs = {}
+    runs, dirs = {}, {}
     for spec in args.run:
         name, _, path = spec.rpartition("=")
         curve = Path(path) / "curve.jsonl"
@@ -37,6 +41,7 @@ def main() -> int:
             return 2
         rows = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
         runs[name or Path(path).name] = [r for r in rows if "test_acc" in r]  # selection-only points have none
+        dirs[name or Path(path).name] = Path(path)
     original = read_log(args.original) if args.original else None
     plots.accuracy_vs_samples(runs, args.out, original)
     summary = {}
@@ -55,6 +60,11 @@ def main() -> int:
             summary[name]["selection"] = {"by": by, "points": len(chosen), "spearman": float(rho), "lowest": low}
             print(f"{name}: {len(chosen)} selection points, Spearman({by}, test acc) {rho:.2f}; lowest "
                   f"{low[by]:.4f} at {low['joint_samples']:,}: test acc {low['test_acc']:.4f}")
+            for n in args.cadences:
+                kept = min(at_cadence(dirs[name], chosen, n), key=lambda r: r[by])  # the first of equal values
+                summary[name]["selection"][f"every_{n}"] = kept
+                print(f"{name}: points every {n:,} samples: lowest {kept[by]:.4f} at {kept['joint_samples']:,}: "
+                      f"test acc {kept['test_acc']:.4f}")
     if original:
         for r in original:
             if r.get("joint_samples") and r.get("test_acc", 0) >= 0.75:
@@ -65,6 +75,14 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def at_cadence(run: Path, rows: list[dict], samples: int) -> list[dict]:
+    """The rows a run scored every `samples` joint-phase samples would have: steps within an epoch that are
+    multiples of samples // batch, and the epoch ends (as train.loop.run_epoch places its points)."""
+    every = samples // json.loads((run / "config.json").read_text())["train"]["batch_size"]
+    steps = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["steps"]
+    return [r for r in rows if (r["step"] - r["epoch"] * steps) % every == 0 or r["step"] == (r["epoch"] + 1) * steps]
 
 
 if __name__ == "__main__":

@@ -188,9 +188,9 @@ def test_selection_keeps_the_state_with_the_least_crowded_boundary_and_evaluate_
 
 
 def test_select_every_samples_scores_the_window_more_often(single_run, toy_small, tmp_path):
-    """train.select_every_samples: inside the selection window the points come at that cadence instead of
-    eval_every_samples; training is unchanged, the test points of the coarser cadence are among them with
-    the same accuracy, and the kept state is the lowest of all of them."""
+    """train.select_every_samples: inside the selection window the criterion is measured at that cadence,
+    the test at eval_every_samples; training is unchanged, the test points are the run's, and the kept
+    state is the lowest of all the points."""
     import shutil
 
     run = tmp_path / "fine"
@@ -204,7 +204,7 @@ def test_select_every_samples_scores_the_window_more_often(single_run, toy_small
     coarse = {json.loads(line)["step"]: json.loads(line)["test_acc"]
               for line in (single_run / "curve.jsonl").read_text().splitlines()}
     assert [r["step"] for r in rows] == [26, 28, 30, 32, 34, 36]  # every 2 steps of 64 jets, and the epoch end
-    assert {r["step"]: r["test_acc"] for r in rows if r["step"] in coarse} == coarse
+    assert {r["step"]: r["test_acc"] for r in rows if "test_acc" in r} == coarse  # 28, 32, 36: no more test
     best = min(rows, key=lambda r: r["boundary_density"])
     side = json.loads(checkpoint.list_checkpoints(run / "selected")[0].with_suffix(".json").read_text())
     assert side["step"] == best["step"] and side["boundary_density"] == best["boundary_density"]

@@ -109,8 +109,9 @@ class TrainConfig:
     # of the two closest clusters on the first select_jets training jets (no labels), and keep the state
     # where it is lowest as the run's result (RUN/selected; train/select.py). 0: the last state
     select_from_epoch: int = 0
-    select_every_samples: int = 0  # > 0: from select_from_epoch on, the points come every N joint-phase samples
-                                   # instead of eval_every_samples (more states to choose from; 0: the same)
+    select_every_samples: int = 0  # > 0: from select_from_epoch on, measure the criterion every N joint-phase
+                                   # samples (more states to choose from; the test is still scored every
+                                   # eval_every_samples); 0: at the test points
     select_jets: int = 15_000
     select_by: str = "boundary_density"  # or "mass_valley" (GeV from their mass edge to the jet-mass dip)
     checkpoint_every_steps: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)

@@ -28,7 +28,7 @@ from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
 from ucluster_jax.train import candidates, select
-from ucluster_jax.train.scoring import curve_point, format_start, init_centroids, latent_sample, score_test
+from ucluster_jax.train.scoring import CurvePoints, format_start, init_centroids, latent_sample, score_test
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase, scored, with_params
 
 
@@ -185,17 +185,15 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
 
             mid_epoch = (lambda st, s: save(rt.host_state(st), epoch - 1, epoch, s)) if t.checkpoint_every_steps \
                 else None
-            scores = []
+            scores = []  # (score, steps between its points inside the epoch)
             if test_ds is not None and epoch >= t.pretrain_epochs:  # clusters exist once the centroids do
-                scores.append(functools.partial(score_test, rt, cfg, test_ds, alpha=alpha))
-            score_every = t.eval_every_samples
+                scores.append((functools.partial(score_test, rt, cfg, test_ds, alpha=alpha),
+                               steps_between(t.eval_every_samples, t.batch_size)))
             if selection is not None and epoch >= t.select_from_epoch:
-                scores.append(functools.partial(selection, epoch=epoch))
-                score_every = t.select_every_samples or score_every
-            score = functools.partial(curve_point, scores=scores, point=log.point, epoch=epoch,
-                                      joint_start=t.pretrain_epochs * steps * t.batch_size) if scores else None
-            state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score,
-                                   score_every_samples=score_every)
+                scores.append((functools.partial(selection, epoch=epoch),
+                               steps_between(t.select_every_samples or t.eval_every_samples, t.batch_size)))
+            score = CurvePoints(scores, log.point, epoch, t.pretrain_epochs * steps * t.batch_size) if scores else None
+            state, rec = run_epoch(rt, cfg, step_fn, state, ds, epoch, start_step=first, on_step=mid_epoch, score=score)
             host = rt.host_state(state)
             if int(host.nonfinite_steps) > 0:
                 msg = (f"non-finite loss or gradients at step {int(host.first_nonfinite_step)} "
@@ -251,13 +249,10 @@ def pretrain_candidates(rt: Runtime, cfg: Config, data: Path, out: Path, ds: Par
 
 
 def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoch: int, *, start_step: int = 0,
-              on_step: Callable[[Any, int], None] | None = None, score: Callable[[TrainState], dict] | None = None,
-              score_every_samples: int = 0):
+              on_step: Callable[[Any, int], None] | None = None, score: CurvePoints | None = None):
     """Steps start_step.. of an epoch; on_step(state, s) after every train.checkpoint_every_steps-th step
-    s inside it, score(host state) every score_every_samples. The record's losses average the steps
-    run here."""
+    s inside it, score(host state, s) where score.due(s). The record's losses average the steps run here."""
     t = cfg.train
-    every = max(1, score_every_samples // t.batch_size) if score_every_samples else 0
     steps = ds.steps_per_epoch(t.batch_size)
     if steps == 0:
         raise DataError(f"{ds.path}: {ds.num_jets} jets, fewer than one global batch ({t.batch_size})")
@@ -277,8 +272,8 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         s = start_step + n
         if rt.replicas > 1 and t.checksum_every and n % t.checksum_every == 0:
             rt.check_replicas(state, f"epoch {epoch} step {s}")
-        if score is not None and every and s % every == 0 and s < steps:  # before the checkpoint, as at epoch ends
-            score(rt.host_state(state))
+        if score is not None and s < steps and score.due(s):  # before the checkpoint, as at epoch ends
+            score(rt.host_state(state), s)
         if on_step is not None and s % t.checkpoint_every_steps == 0 and s < steps:
             on_step(state, s)
         if bar.due():
@@ -298,6 +293,11 @@ def run_epoch(rt: Runtime, cfg: Config, step_fn, state, ds: ParquetDataset, epoc
         rec["train_acc"] = matched_accuracy(cont.sum(0))[0]
         rec["train_acc_per_batch"] = per_batch_accuracy(cont)
     return state, rec
+
+
+def steps_between(samples: int, batch_size: int) -> int:
+    """Steps between two points every `samples` samples (0: none inside an epoch)."""
+    return max(1, samples // batch_size) if samples else 0
 
 
 def epoch_batches(cfg: Config, ds: ParquetDataset, epoch: int, start_step: int = 0):

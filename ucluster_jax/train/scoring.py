@@ -2,6 +2,7 @@
 the scripts share, apart from the loop itself."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from typing import Callable, Iterable
@@ -116,11 +117,24 @@ def score_test(rt: Runtime, cfg: Config, ds: ParquetDataset, host: TrainState, *
     return evaluate_split(rt, cfg, scored(host), ds, alpha=alpha, prefix="test")
 
 
-def curve_point(host: TrainState, *, scores: list[Callable[[TrainState], dict]], point: Callable[[dict], None],
-                epoch: int, joint_start: int) -> dict:
-    """Run `scores` (test split, label-free selection) on the host state and hand the point of the curve
-    against joint-phase samples (RUN/curve.jsonl) to `point`; returns the scores."""
-    rec = {k: v for score in scores for k, v in score(host).items()}
-    seen = int(host.samples_seen)
-    point({"epoch": epoch, "step": int(host.step), "samples_seen": seen, "joint_samples": seen - joint_start, **rec})
-    return rec
+@dataclasses.dataclass
+class CurvePoints:
+    """The scores of an epoch's points on the curve against joint-phase samples (RUN/curve.jsonl): each score
+    (test split, label-free selection) every `every` steps inside the epoch (0: never there) and at its end.
+    Called with the host state, it runs those due at step `s` (None: the epoch's end), hands the row to
+    `point` and returns the scores."""
+    scores: list[tuple[Callable[[TrainState], dict], int]]
+    point: Callable[[dict], None]
+    epoch: int
+    joint_start: int
+
+    def due(self, s: int) -> bool:
+        return any(every and s % every == 0 for _, every in self.scores)
+
+    def __call__(self, host: TrainState, s: int | None = None) -> dict:
+        rec = {k: v for score, every in self.scores if s is None or (every and s % every == 0)
+               for k, v in score(host).items()}
+        seen = int(host.samples_seen)
+        self.point({"epoch": self.epoch, "step": int(host.step), "samples_seen": seen,
+                    "joint_samples": seen - self.joint_start, **rec})
+        return rec

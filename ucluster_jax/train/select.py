@@ -1,12 +1,13 @@
 """Choosing a run's result without labels (train.select_from_epoch, train.select_by).
 
-From that epoch on, at every test point (train.select_every_samples, or else train.eval_every_samples) and
-epoch end the trainer measures a criterion of the state's clusters on the first train.select_jets training
-jets, and keeps the state where it is lowest in RUN/selected: the state `ucluster evaluate` scores. Why: late in the CPU recipe's joint
-phase the test accuracy swings by 1-3 points from point to point, as the W|Z boundary moves by a few GeV
-of jet mass. The criteria (docs/RESULTS.md, "Choosing the run's result ..."): `boundary_density` (latent
-only; sorted the points in two runs, not in a third) and `mass_valley` (GeV from the clusters' mass edge
-to the dip of the jet-mass distribution; the recipe's).
+From that epoch on, every train.select_every_samples (or else at the test points, train.eval_every_samples)
+and at each epoch end the trainer measures a criterion of the state's clusters on the first
+train.select_jets training jets, and keeps the state where it is lowest in RUN/selected: the state
+`ucluster evaluate` scores. Why: late in the CPU recipe's joint phase the test accuracy swings by 1-3
+points from point to point, as the W|Z boundary moves by a few GeV of jet mass. The criteria
+(docs/RESULTS.md, "Choosing the run's result ..."): `boundary_density` (latent only; sorted the points in
+two runs, not in a third) and `mass_valley` (GeV from the clusters' mass edge to the dip of the jet-mass
+distribution; the recipe's).
 Rank 0 measures and writes; every rank gets the same value, so the choice is the same in every layout that
 computes the same bits.
 """
