@@ -5,7 +5,8 @@
 
 Prints, per run, the test accuracy reached at each point and the best one; `--json` keeps them. With
 `--cadences 4992,29952`: what the selection would have kept had its points come only every N samples (and at
-the epoch ends), read off a run scored more often (train.select_every_samples).
+the epoch ends), read off a run whose test and criterion were both scored at the finest of them
+(train.eval_every_samples; points with the criterion alone carry no test accuracy and are left out).
 """
 from __future__ import annotations
 
