@@ -22,6 +22,7 @@ from scipy.stats import spearmanr  # noqa: E402
 from ucluster_jax import plots  # noqa: E402
 from ucluster_jax.config import criterion_in  # noqa: E402
 from ucluster_jax.original_log import read_log  # noqa: E402
+from ucluster_jax.train.loop import steps_between  # noqa: E402
 
 
 def main() -> int:
@@ -81,7 +82,7 @@ def main() -> int:
 def at_cadence(run: Path, rows: list[dict], samples: int) -> list[dict]:
     """The rows a run scored every `samples` joint-phase samples would have: steps within an epoch that are
     multiples of samples // batch, and the epoch ends (as train.loop.run_epoch places its points)."""
-    every = samples // json.loads((run / "config.json").read_text())["train"]["batch_size"]
+    every = steps_between(samples, json.loads((run / "config.json").read_text())["train"]["batch_size"])
     steps = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["steps"]
     return [r for r in rows if (r["step"] - r["epoch"] * steps) % every == 0 or r["step"] == (r["epoch"] + 1) * steps]
 

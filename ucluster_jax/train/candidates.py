@@ -41,10 +41,15 @@ def pretraining_config(cfg: Config, seed: int) -> Config:
     return with_seed(cfg, seed, epochs=cfg.train.pretrain_epochs, pretrain_candidates=1, select_from_epoch=0)
 
 
+def has_checkpoints(rt: Runtime, run_dir: Path) -> bool:
+    """Whether `run_dir` holds a checkpoint (rank 0 looks; every rank gets the answer)."""
+    return bool(rt.bcast(bool(checkpoint.list_checkpoints(run_dir)) if rt.is_root else None))
+
+
 def made_before(rt: Runtime, out: Path, resume: bool) -> int | None:
     """The seed chosen by an earlier run into `out` that got past the choice (it has joint-phase checkpoints),
     read back from OUT/pretrain/choice.json; None when the choice is still to make."""
-    if not (resume and rt.bcast(bool(checkpoint.list_checkpoints(out)) if rt.is_root else None)):
+    if not (resume and has_checkpoints(rt, out)):
         return None
     path = Path(out) / "pretrain" / CHOICE
     known = rt.bcast(json.loads(path.read_text())["seed"] if rt.is_root and path.exists() else None)

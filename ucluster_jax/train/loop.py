@@ -238,8 +238,7 @@ def pretrain_candidates(rt: Runtime, cfg: Config, data: Path, out: Path, ds: Par
     made = {}
     for seed in candidates.seeds(cfg):
         c, sub = candidates.pretraining_config(cfg, seed), candidates.candidate_dir(out, seed)
-        again = resume and rt.bcast(bool(checkpoint.list_checkpoints(sub)) if rt.is_root else None)
-        train(c, data, sub, resume=again, rt=rt)
+        train(c, data, sub, resume=resume and candidates.has_checkpoints(rt, sub), rt=rt)
         host = resume_state(rt, c, sub, create_state(c))[0]
         made[seed] = (host, *init_centroids(rt, c, host, ds))  # start: rank 0 only
         if rt.is_root:

@@ -128,12 +128,14 @@ class CurvePoints:
     epoch: int
     joint_start: int
 
+    def _at(self, s: int | None) -> list[Callable[[TrainState], dict]]:
+        return [score for score, every in self.scores if s is None or (every and s % every == 0)]
+
     def due(self, s: int) -> bool:
-        return any(every and s % every == 0 for _, every in self.scores)
+        return bool(self._at(s))
 
     def __call__(self, host: TrainState, s: int | None = None) -> dict:
-        rec = {k: v for score, every in self.scores if s is None or (every and s % every == 0)
-               for k, v in score(host).items()}
+        rec = {k: v for score in self._at(s) for k, v in score(host).items()}
         seen = int(host.samples_seen)
         self.point({"epoch": self.epoch, "step": int(host.step), "samples_seen": seen,
                     "joint_samples": seen - self.joint_start, **rec})
