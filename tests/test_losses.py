@@ -2,9 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ucluster_jax.config import load_config
-from ucluster_jax.losses import focal_loss, kmeans_loss, kmeans_weights, sqrt_mass_bin
+from ucluster_jax.losses import focal_loss, kmeans_loss, kmeans_weights, mass_bin_target
 from ucluster_jax.train.state import create_state
 from ucluster_jax.train.step import make_grads_fn
 
@@ -97,23 +98,25 @@ def test_per_particle_focal_reductions_match_the_original_seg_loss():
     assert float(got) != float(mean)
 
 
-def test_sqrt_mass_bins_are_uniform_in_sqrt_mass_with_open_ends():
-    lo, hi, n = 30.0, 200.0, 20
-    edges = (np.sqrt(lo) + np.arange(n + 1) * (np.sqrt(hi) - np.sqrt(lo)) / n) ** 2
+@pytest.mark.parametrize("scale,f,f_inv", [("linear", lambda v: v, lambda v: v), ("sqrt", np.sqrt, np.square)])
+def test_mass_bins_are_uniform_in_their_scale_with_open_ends(scale, f, f_inv):
+    lo, hi, n = 30.0, 200.0, 40
+    edges = f_inv(f(lo) + np.arange(n + 1) * (f(hi) - f(lo)) / n)
     inside = np.concatenate([edges[:-1] * 1.0005, edges[1:] * 0.9995])  # just inside each bin's two ends
     expect = np.concatenate([np.arange(n), np.arange(n)])
-    np.testing.assert_array_equal(np.asarray(sqrt_mass_bin(jnp.asarray(inside, jnp.float32), n, (lo, hi))), expect)
-    ends = np.asarray(sqrt_mass_bin(jnp.asarray([0.0, 10.0, 250.0, 1e4]), n, (lo, hi)))
+    got = mass_bin_target(jnp.asarray(inside, jnp.float32), n, (lo, hi), scale)
+    np.testing.assert_array_equal(np.asarray(got), expect)
+    ends = np.asarray(mass_bin_target(jnp.asarray([0.0, 10.0, 250.0, 1e4]), n, (lo, hi), scale))
     np.testing.assert_array_equal(ends, [0, 0, n - 1, n - 1])
 
 
-def test_sqrt_mass_bins_replace_the_prepared_target_in_the_step():
+def test_mass_bins_replace_the_prepared_target_in_the_step():
     """With loss.mass_bins=sqrt the step's focal target comes from the jets' mass, not the target column."""
     rng = np.random.default_rng(4)
     mass = rng.uniform(40, 200, 8).astype(np.float32)
     batch = {"x": jnp.asarray(rng.normal(size=(8, 100, 8)).astype(np.float32)), "mass": jnp.asarray(mass),
              "label": jnp.zeros(8, jnp.int32)}
-    sqrt_target = sqrt_mass_bin(jnp.asarray(mass), 20, (30.0, 200.0))
+    sqrt_target = mass_bin_target(jnp.asarray(mass), 20, (30.0, 200.0), "sqrt")
     zeros = jnp.zeros(8, jnp.int32)
     cfg = load_config(None)
     state = create_state(cfg)
@@ -134,3 +137,17 @@ def test_kmeans_weights_are_the_losses_soft_assignment():
     assert abs(w[0, 0] - w[0, 1]) < 0.01 and w[0, 2] < 1e-6  # distances 1e-4 apart at alpha 45: no pull either way
     assert w[1, 0] > 0.99  # distances apart by 0.2 at alpha 45: a hard assignment
     np.testing.assert_allclose(kmeans_loss(d, 45.0), np.mean(np.sum(w * np.asarray(d), 1)), rtol=1e-6)
+
+
+def test_mass_bins_from_the_mass_need_not_match_the_datasets_target_count(toy_small):
+    """With the target recomputed from the mass the model's head may have any number of bins; with the
+    prepared target it must match the dataset's."""
+    from ucluster_jax.data.reader import ParquetDataset
+    from ucluster_jax.errors import DataError
+    from ucluster_jax.train.loop import check_data
+
+    ds = ParquetDataset(toy_small[0])
+    base = [f"model.num_points={ds.meta.num_points}", f"model.num_targets={ds.meta.num_targets + 14}"]
+    check_data(load_config(None, base + ["loss.mass_bins=linear"]), ds, toy_small[0])
+    with pytest.raises(DataError, match="the config's model expects"):
+        check_data(load_config(None, base), ds, toy_small[0])

@@ -63,8 +63,9 @@ class LossConfig:
     # largest particle loss, then the mean over events and classes); "mean": over every particle
     point_reduce: str = "max_per_class"
     # the jet-level auxiliary target: "prepared" is the dataset's `target` column (the original's 20
-    # mass bins, linear in mass); "sqrt" recomputes it from the `mass` column as model.num_targets bins
-    # uniform in sqrt(mass) over mass_range (GeV; under- and overflow in the end bins)
+    # mass bins, linear in mass); "linear" and "sqrt" recompute it from the `mass` column as
+    # model.num_targets bins uniform in the mass or in sqrt(mass) over mass_range (GeV; under- and
+    # overflow in the end bins)
     mass_bins: str = "prepared"
     mass_range: tuple[float, float] = (30.0, 200.0)
 
@@ -293,7 +294,7 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         ("model.bn_epsilon", m.bn_epsilon > 0, "> 0"),
         ("loss.focal_gamma", lo.focal_gamma >= 0, ">= 0"),
         ("loss.point_reduce", lo.point_reduce in ("max_per_class", "mean"), "max_per_class or mean"),
-        ("loss.mass_bins", lo.mass_bins in ("prepared", "sqrt"), "prepared or sqrt"),
+        ("loss.mass_bins", lo.mass_bins in ("prepared", "linear", "sqrt"), "prepared, linear or sqrt"),
         ("loss.mass_bins", lo.mass_bins == "prepared" or m.variant == "multiclass",
          "'prepared' under model.variant anomaly (its targets are per particle)"),
         ("loss.mass_range", len(lo.mass_range) == 2 and 0 <= lo.mass_range[0] < lo.mass_range[1],

@@ -33,11 +33,14 @@ from ucluster_jax.train.state import TrainState, create_state, learning_rate, ph
 
 
 def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
+    """The dataset's shapes against the model's; the number of targets only where the data's target column
+    is the focal target (loss.mass_bins prepared)."""
     m = ds.meta
     per_point = cfg.model.variant == "anomaly"
     want = (cfg.model.num_points, cfg.model.num_features, cfg.model.num_targets, cfg.model.num_global, per_point)
     have = (m.num_points, m.num_features, m.num_targets, m.num_global, m.target_per_point)
-    if want != have:
+    compared = [i for i in range(len(want)) if i != 2 or cfg.loss.mass_bins == "prepared"]
+    if any(want[i] != have[i] for i in compared):
         raise DataError(f"{path}: data has (points, features, targets, global features, per-particle targets) = "
                         f"{have}, the config's model expects {want}")
 

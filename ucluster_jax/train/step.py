@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from ucluster_jax.config import Config
 from ucluster_jax.data.schema import CLASS_NAMES
-from ucluster_jax.losses import combined_loss, sqrt_mass_bin
+from ucluster_jax.losses import combined_loss, mass_bin_target
 from ucluster_jax.model.batchnorm import ReplicaSum, bn_decay
 from ucluster_jax.model.networks import UCluster
 from ucluster_jax.train.state import TrainState, learning_rate, tf1_adam
@@ -91,8 +91,8 @@ def make_grads_fn(cfg: Config, *, replica_sum: ReplicaSum | None = None, num_cla
     t, lc = cfg.train, cfg.loss
 
     def target_of(batch: Batch) -> Array:
-        if lc.mass_bins == "sqrt":
-            return sqrt_mass_bin(batch["mass"], cfg.model.num_targets, lc.mass_range)
+        if lc.mass_bins != "prepared":
+            return mass_bin_target(batch["mass"], cfg.model.num_targets, lc.mass_range, lc.mass_bins)
         return batch["target"]
 
     def grads_fn(state: TrainState, batch: Batch):
