@@ -18,7 +18,8 @@
         where in jet mass the checkpoint of epoch E moves test jets from one cluster to the next: the class
         its clusters give per 1 GeV of mass, the masses where the majority changes, and the accuracy of a
         mass-only classifier that gives every jet its mass bin's majority (equal to the model's accuracy
-        when the clusters are mass windows), beside the best cuts fitted on TRAIN.
+        when the clusters are mass windows), beside the best cuts fitted on TRAIN; and the dip of the mass
+        distribution of the two closest clusters' jets (where `train.select_by: mass_valley` aims their boundary).
     python scripts/baselines.py align --run RUN --epochs E1,E2,... --train TRAIN --test TEST [--json OUT]
         how the split between the two lighter clusters (W and Z) lies in the latent, per epoch-end checkpoint:
         the distance between their centroids against the rms size of the blob their test jets form, the
@@ -50,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ucluster_jax.data.reader import ParquetDataset
-from ucluster_jax.metrics import contingency_np, matched_accuracy, split_alignment
+from ucluster_jax.metrics import closest_pair, contingency_np, mass_dip, matched_accuracy, split_alignment
 from ucluster_jax.train.kmeans import kmeans
 
 
@@ -313,9 +314,11 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
     if a.plot:
         _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot)
     means = sorted(float(np.mean(m[cls == k])) for k in range(c) if np.any(cls == k))
+    pair = np.isin(np.argmin(o["dist"], 1), closest_pair(np.asarray(state.params["mu"])))
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": acc, "confusion": cont.tolist(),
             "majority_changes_gev": changes, "cluster_mean_mass_gev": means,
             "midpoints_of_means_gev": [0.5 * (u + v) for u, v in zip(means, means[1:])], "accuracy_mass_majority": float(np.mean(majority[b] == y)),
+            "dip_gev": mass_dip(m[pair]),  # where train.select_by mass_valley aims the W|Z boundary
             "best_cuts_train_gev": [a_cut, b_cut], "accuracy_best_cuts": float(np.mean(best == y)),
             "n_test": int(len(y))}
 

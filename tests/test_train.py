@@ -11,7 +11,7 @@ from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
 from ucluster_jax.config import ConfigError, load_config
 from ucluster_jax.errors import CheckpointError
-from ucluster_jax.metrics import boundary_density, mass_edge, mass_valley, split_alignment
+from ucluster_jax.metrics import boundary_density, mass_dip, mass_edge, mass_valley, split_alignment
 from ucluster_jax.original_log import read_log
 from ucluster_jax.parallel.runtime import setup
 from ucluster_jax.train import select
@@ -245,6 +245,9 @@ def test_mass_valley_is_the_distance_from_the_clusters_mass_edge_to_the_dip_betw
     at = {cut: mass_valley(dist(cut), mu, mass) for cut in (80, 84, 86, 88, 92)}
     assert at[86] < 1.0 and at[86] < at[84] < at[80] and at[86] < at[88] < at[92]
     assert at[92] == pytest.approx(92 - 86.5, abs=1.0)  # the dip of this mixture lies near 86-87 GeV
+    dip = mass_dip(mass[mass < 140])
+    assert 85 < dip < 88 and at[92] == pytest.approx(92 - dip, abs=0.01)
+    assert np.isnan(mass_dip(rng.normal(85, 4, 10000)))
     assert mass_edge(mass[mass < 140], mass[mass < 140] > 88) == pytest.approx(88, abs=0.01)
     one = rng.normal(85, 4, 10000)
     assert np.isnan(mass_valley(dist(85, one), mu, one))  # one peak: no valley

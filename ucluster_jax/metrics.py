@@ -109,16 +109,20 @@ def mass_valley(dist: np.ndarray, mu: np.ndarray, mass: np.ndarray, smooth_gev: 
     if len(ma) < 2 or len(mb) < 2:
         return float("nan")
     both = np.concatenate([ma, mb])
-    edges = np.arange(np.floor(both.min()), np.ceil(both.max()) + 2.0)
-    h = np.convolve(np.histogram(both, edges)[0], np.ones(smooth_gev) / smooth_gev, mode="same")
+    valley = mass_dip(both, smooth_gev)
+    heavier = np.r_[np.zeros(len(ma), bool), np.ones(len(mb), bool)]
+    if np.median(ma) > np.median(mb):
+        heavier = ~heavier
+    return float(abs(mass_edge(both, heavier) - valley))  # NaN without a dip
+
+
+def mass_dip(mass: np.ndarray, smooth_gev: int = 5) -> float:
+    """The deepest dip between two peaks of the jets' mass distribution (1-GeV bins, a `smooth_gev` moving
+    average), GeV at its bin's centre; NaN where there is none."""
+    edges = np.arange(np.floor(mass.min()), np.ceil(mass.max()) + 2.0)
+    h = np.convolve(np.histogram(mass, edges)[0], np.ones(smooth_gev) / smooth_gev, mode="same")
     peaks = [i for i in range(1, len(h) - 1) if h[i - 1] < h[i] >= h[i + 1]]
     dips = [(min(h[i], h[j]) - h[i:j + 1].min(), i + int(np.argmin(h[i:j + 1])))
             for k, i in enumerate(peaks) for j in peaks[k + 1:]]
     depth, at = max(dips, default=(0.0, 0))
-    if depth <= 0:
-        return float("nan")
-    valley = edges[at] + 0.5
-    heavier = np.r_[np.zeros(len(ma), bool), np.ones(len(mb), bool)]
-    if np.median(ma) > np.median(mb):
-        heavier = ~heavier
-    return float(abs(mass_edge(both, heavier) - valley))
+    return float(edges[at] + 0.5) if depth > 0 else float("nan")
