@@ -1,7 +1,8 @@
 """How many training jets the selection's criterion needs (train.select_jets; docs/RESULTS.md).
 
-    # a replay that measures train.select_by at each point on the first N of its select jets as well
-    # (slices of the one embedding): RUN/select_slices.jsonl, one line per point, in the order of curve.jsonl
+    # a replay (train.select_by: mass_valley) that measures the criterion at each point on the first N of its
+    # select jets as well (slices of the one embedding): RUN/select_slices.jsonl, written afresh, one line per
+    # point in the order of curve.jsonl
     python scripts/select_jets.py replay --slices 2560,5120,7680 -- train --config ... --out RUN --resume ...
     # the state each N would keep, scored by a run of the same window that has the test accuracy at every point
     python scripts/select_jets.py kept --run "check14=RUN:SCORED" ... --out docs/img/select_jets.png
@@ -29,6 +30,7 @@ SLICES = "select_slices.jsonl"
 def replay(slices: list[int], train_args: list[str]) -> int:
     """`ucluster train` with the mass_valley criterion also written for the first N jets of each slice."""
     out = Path(train_args[train_args.index("--out") + 1])
+    (out / SLICES).unlink(missing_ok=True)
 
     def criterion(o, mu):
         vals = {n: metrics.mass_valley(o["dist"][:n], mu, o["mass"][:n]) for n in slices if n <= len(o["mass"])}
@@ -50,6 +52,10 @@ def kept(specs: list[str], out: Path) -> int:
     for spec in specs:
         name, _, dirs = spec.rpartition("=")
         run, scored = (Path(p) for p in dirs.split(":"))
+        for f in (run / "curve.jsonl", run / SLICES, scored / "curve.jsonl", scored / "config.json"):
+            if not f.exists():
+                print(f"{f}: no such file", file=sys.stderr)
+                return 2
         points = [r for r in rows(run / "curve.jsonl") if "mass_valley" in r]
         sliced = rows(run / SLICES)
         ref = {r["step"]: r for r in rows(scored / "curve.jsonl") if "mass_valley" in r and "test_acc" in r}
