@@ -37,10 +37,10 @@ def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
     is the focal target (loss.mass_bins prepared)."""
     m = ds.meta
     per_point = cfg.model.variant == "anomaly"
-    want = (cfg.model.num_points, cfg.model.num_features, cfg.model.num_targets, cfg.model.num_global, per_point)
+    targets = cfg.model.num_targets if cfg.loss.mass_bins == "prepared" else m.num_targets  # else binned in the step
+    want = (cfg.model.num_points, cfg.model.num_features, targets, cfg.model.num_global, per_point)
     have = (m.num_points, m.num_features, m.num_targets, m.num_global, m.target_per_point)
-    compared = [i for i in range(len(want)) if i != 2 or cfg.loss.mass_bins == "prepared"]
-    if any(want[i] != have[i] for i in compared):
+    if want != have:
         raise DataError(f"{path}: data has (points, features, targets, global features, per-particle targets) = "
                         f"{have}, the config's model expects {want}")
 
