@@ -140,12 +140,12 @@ def cmd_mass(a: argparse.Namespace) -> dict:
     out["test_mass_median"] = {n: float(np.median(m_te[y_te == c])) for c, n in enumerate(names)}
     out["test_fractions"] = {n: float(np.mean(y_te == c)) for c, n in enumerate(names)}
     if a.plot:
-        _mass_plot(m_te, y_te, names, (a_cut, b_cut), a.plot)
+        _mass_plot(m_te, y_te, names, (a_cut, b_cut), a.plot, _mass_axis(ParquetDataset(a.test)))
     return out
 
 
 def _mass_plot(mass: np.ndarray, label: np.ndarray, names: tuple[str, ...], cuts: tuple[float, float],
-               path: Path) -> None:
+               path: Path, xlabel: str) -> None:
     from ucluster_jax.plots import jets
     from ucluster_jax.plotstyle import save, subplots
 
@@ -157,7 +157,7 @@ def _mass_plot(mass: np.ndarray, label: np.ndarray, names: tuple[str, ...], cuts
         ax.axvline(x, color="grey", ls=ls, lw=1)
     for x in cuts:
         ax.axvline(x, color="k", ls="--", lw=1)
-    ax.set_xlabel("jet mass [GeV]")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("jets / 2.5 GeV")
     ax.set_title("test jets; dotted: original windows, dashed: best cuts (train)")
     ax.legend()
@@ -312,7 +312,7 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
     a_cut, b_cut, _ = best_cuts(*_mass_label(a.train)[:2])
     best = window_predict(m, a_cut, (a_cut, b_cut), (b_cut, np.inf))
     if a.plot:
-        _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot)
+        _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot, _mass_axis(test))
     means = sorted(float(np.mean(m[cls == k])) for k in range(c) if np.any(cls == k))
     pair = np.isin(np.argmin(o["dist"], 1), closest_pair(np.asarray(state.params["mu"])))
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": acc, "confusion": cont.tolist(),
@@ -362,8 +362,12 @@ def cmd_align(a: argparse.Namespace) -> dict:
     return {"run": str(a.run), "epochs": out}
 
 
+def _mass_axis(ds: ParquetDataset) -> str:
+    return "soft-drop mass [GeV]" if ds.meta.mass == "softdrop" else "jet mass [GeV]"
+
+
 def _boundary_plot(edges: np.ndarray, frac: np.ndarray, filled: np.ndarray, names: tuple[str, ...],
-                   cuts: tuple[float, float], path: Path) -> None:
+                   cuts: tuple[float, float], path: Path, xlabel: str) -> None:
     from ucluster_jax.plots import jets
     from ucluster_jax.plotstyle import save, subplots
 
@@ -374,7 +378,7 @@ def _boundary_plot(edges: np.ndarray, frac: np.ndarray, filled: np.ndarray, name
     for x in cuts:
         ax.axvline(x, color="k", ls="--", lw=1)
     ax.set_xlim(40, 220)
-    ax.set_xlabel("jet mass [GeV]")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of test jets")
     ax.set_title("where the clusters change; dashed: best mass cuts (train, with truth)")
     ax.legend()

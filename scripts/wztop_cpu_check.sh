@@ -8,6 +8,7 @@
 set -euo pipefail
 OUT=${1:?usage: wztop_cpu_check.sh OUT [TRAIN_SEED] [TEST_SEED] [PT_MIN] [PT_MAX] [train args...]}
 TRAIN_SEED=${2:-201}; TEST_SEED=${3:-202}; PT_MIN=${4:-850}; PT_MAX=${5:-1250}
+MASS=${MASS:-jet}  # MASS=softdrop with `--set loss.mass=softdrop`: the soft-drop mass (docs/RESULTS.md)
 shift $(( $# < 5 ? $# : 5 ))
 mkdir -p "$OUT"
 stage() { local t0=$SECONDS; "$@"; echo "[$(( SECONDS - t0 )) s] $1 $2" | tee -a "$OUT/times.txt"; }
@@ -15,8 +16,8 @@ stage ucluster generate --out "$OUT/h5/train" --jets 68000 --seed "$TRAIN_SEED" 
   --workers 2 --overwrite --quiet
 stage ucluster generate --out "$OUT/h5/test" --jets 16500 --seed "$TEST_SEED" --pt-min "$PT_MIN" --pt-max "$PT_MAX" \
   --workers 2 --overwrite --quiet
-stage ucluster prepare "$OUT"/h5/train/*.h5 --out "$OUT/train" --overwrite
-stage ucluster prepare "$OUT"/h5/test/*.h5 --out "$OUT/test" --overwrite
+stage ucluster prepare "$OUT"/h5/train/*.h5 --out "$OUT/train" --overwrite --mass "$MASS"
+stage ucluster prepare "$OUT"/h5/test/*.h5 --out "$OUT/test" --overwrite --mass "$MASS"
 rm -rf "$OUT/run"
 stage ucluster train --config configs/wztop_cpu.yaml --data "$OUT/train" --test-data "$OUT/test" --out "$OUT/run" "$@"
 stage ucluster evaluate --run "$OUT/run" --data "$OUT/test"

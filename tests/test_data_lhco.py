@@ -209,6 +209,9 @@ def test_bad_files_one_line_exit_2_nothing_written(tmp_path, capsys):
         assert rc == 2, name
         assert len(err.strip().splitlines()) == 1 and str(tmp_path / name) in err and re.search(why, err), err
         assert no_files(out), name
+    rc, _, err = prepare_cli(capsys, tmp_path / "whole.h5", "--out", tmp_path / "out", "--mass", "softdrop")
+    assert rc == 2 and f"{tmp_path / 'whole.h5'}: LHC Olympics events keep their dijet mass; --mass softdrop" in err
+    assert no_files(tmp_path / "out")
 
 
 def test_several_files_total_and_no_mixing(tmp_path, capsys):

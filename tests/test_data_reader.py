@@ -316,6 +316,10 @@ def test_per_point_targets_and_global_features_roundtrip(tmp_path):
         ParquetDataset(tmp_path / "f").read_all()
 
 
-def test_metadata_written_before_per_point_targets_reads_as_per_jet():
-    md = {k.encode(): v.encode() for k, v in META.to_metadata().items() if not k.endswith("target_per_point")}
-    assert DatasetMeta.from_metadata(md) == META and not META.target_per_point
+def test_metadata_written_before_per_point_targets_and_mass_kinds_reads_as_per_jet_jet_mass():
+    md = {k.encode(): v.encode() for k, v in META.to_metadata().items()
+          if not k.endswith(("target_per_point", ".mass"))}
+    assert DatasetMeta.from_metadata(md) == META and not META.target_per_point and META.mass == "jet"
+    md[b"ucluster.mass"] = b'"trimmed"'
+    with pytest.raises(ValueError, match="mass='trimmed' must be one of jet, softdrop"):
+        DatasetMeta.from_metadata(md)

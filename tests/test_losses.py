@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucluster_jax.config import load_config
+from ucluster_jax.config import ConfigError, load_config
 from ucluster_jax.losses import focal_loss, kmeans_loss, kmeans_weights, mass_bin_target
 from ucluster_jax.train.state import create_state
 from ucluster_jax.train.step import make_grads_fn
@@ -151,3 +151,20 @@ def test_mass_bins_from_the_mass_need_not_match_the_datasets_target_count(toy_sm
     check_data(load_config(None, base + ["loss.mass_bins=linear"]), ds, toy_small[0])
     with pytest.raises(DataError, match="the config's model expects"):
         check_data(load_config(None, base), ds, toy_small[0])
+
+
+def test_training_refuses_data_prepared_with_another_mass(toy_small):
+    """loss.mass names the mass the target and the selection read; data prepared with the other one is a
+    one-line error naming the file, before any training."""
+    from ucluster_jax.data.reader import ParquetDataset
+    from ucluster_jax.errors import DataError
+    from ucluster_jax.train.loop import check_mass
+
+    ds = ParquetDataset(toy_small[0])
+    assert ds.meta.mass == "jet"
+    check_mass(load_config(None, []), ds, toy_small[0])
+    with pytest.raises(DataError, match=r"holds the jet mass, the config wants loss.mass: softdrop") as e:
+        check_mass(load_config(None, ["loss.mass=softdrop"]), ds, toy_small[0])
+    assert str(toy_small[0]) in str(e.value)
+    with pytest.raises(ConfigError, match="loss.mass"):
+        load_config(None, ["loss.mass=groomed"])

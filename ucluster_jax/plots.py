@@ -46,16 +46,16 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
 
 
 def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, path: Path,
-              class_names: tuple[str, ...]) -> Path:
-    """Jet mass of each cluster, and of each truth class for comparison."""
+              class_names: tuple[str, ...], what: str = "jet mass") -> Path:
+    """Jet mass (`what`: the dataset's kind of mass) of each cluster, and of each truth class for comparison."""
     fig, axes = subplots(1, 2, figsize=(11, 4))
     bins = np.linspace(0, 250, 51)
     for c in range(k):
         axes[0].hist(mass[cluster == c], bins=bins, histtype="step", lw=1.5, label=f"cluster {c}")
     for c in np.unique(label[label >= 0]):
         axes[1].hist(mass[label == c], bins=bins, histtype="step", lw=1.5, label=class_name(class_names, c, str(c)))
-    for ax, title in zip(axes, ("jet mass per cluster", "jet mass per truth class")):
-        ax.set_xlabel("jet mass [GeV]")
+    for ax, title in zip(axes, (f"{what} per cluster", f"{what} per truth class")):
+        ax.set_xlabel(f"{what} [GeV]")
         ax.set_ylabel("jets")
         ax.set_title(title)
         ax.legend()

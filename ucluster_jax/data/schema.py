@@ -20,11 +20,12 @@ from ucluster_jax.errors import DataError, UserError
 
 FORMAT_VERSION = 1
 CLASS_NAMES: tuple[str, ...] = ("W", "Z", "top")
+MASS_KINDS: tuple[str, ...] = ("jet", "softdrop")
 META_PREFIX = "ucluster."
 DEFAULT_ROW_GROUP_SIZE = 2048
 DEFAULT_SHARD_SIZE = 32 * DEFAULT_ROW_GROUP_SIZE
 SHARD_GLOB = "*.parquet"
-OPTIONAL_META = {"target_per_point"}  # added later: datasets written before it read as per-jet targets
+OPTIONAL_META = {"target_per_point", "mass"}  # added later: older datasets read as per-jet targets, jet mass
 
 # per-jet scalar columns and their arrow types
 SCALAR_COLUMNS: dict[str, pa.DataType] = {"target": pa.int32(), "label": pa.int32(), "mass": pa.float32()}
@@ -44,6 +45,9 @@ class DatasetMeta:
     # True: `target` is one class per particle [num_points] (the anomaly task's jet-mass bin of each
     # particle's jet), not one per jet
     target_per_point: bool = False
+    # what the `mass` column (and the target binned from it) holds: "jet", the mass of all the jet's
+    # constituents, or "softdrop", its groomed mass (`ucluster prepare --mass softdrop`, data/groom.py)
+    mass: str = "jet"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_names", tuple(str(n) for n in self.feature_names))
@@ -54,6 +58,8 @@ class DatasetMeta:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         if not isinstance(self.target_per_point, bool):
             raise ValueError(f"target_per_point={self.target_per_point!r} must be true or false")
+        if self.mass not in MASS_KINDS:
+            raise ValueError(f"mass={self.mass!r} must be one of {', '.join(MASS_KINDS)}")
         if len(self.feature_names) != self.num_features:
             raise ValueError(f"{len(self.feature_names)} feature_names for num_features={self.num_features}")
 

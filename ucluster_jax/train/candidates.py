@@ -66,7 +66,7 @@ def pick(rt: Runtime, out: Path, starts: dict[int, dict]) -> int:
     if rt.is_root:
         rows = [{"seed": seed, **start} for seed, start in starts.items()]
         chosen = max(rows, key=lambda r: r.get("corr_side_mass", -np.inf))["seed"]
-        print(f"pre-training candidates: seed {chosen} chosen (its W|Z split follows the jet mass most closely)",
+        print(f"pre-training candidates: seed {chosen} chosen (its W|Z split follows the mass most closely)",
               flush=True)
         checkpoint.atomic_write(Path(out) / "pretrain" / CHOICE, json.dumps({"seed": chosen, "candidates": rows},
                                                                             indent=1))

@@ -45,6 +45,13 @@ def check_data(cfg: Config, ds: ParquetDataset, path: Path) -> None:
                         f"{have}, the config's model expects {want}")
 
 
+def check_mass(cfg: Config, ds: ParquetDataset, path: Path) -> None:
+    """Training data whose `mass` column is not the mass the config's target and selection expect."""
+    if ds.meta.mass != cfg.loss.mass:
+        raise DataError(f"{path}: its mass column holds the {ds.meta.mass} mass, the config wants loss.mass: "
+                        f"{cfg.loss.mass} (`ucluster prepare --mass {cfg.loss.mass}`)")
+
+
 def uneven_read_warning(ds: ParquetDataset, path: Path) -> str | None:
     """One line when row groups are large against a rank's share: every rank trains on the same number of
     jets, but decodes whole row groups, so a rank may read far more than it uses."""
@@ -124,6 +131,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
         raise ConfigError(f"train.data_lanes={t.data_lanes} is not a multiple of the {rt.world} processes")
     ds = ParquetDataset(data, rank=rt.rank, world=rt.world)
     check_data(cfg, ds, data)
+    check_mass(cfg, ds, data)
     test_ds = ParquetDataset(test_data, rank=rt.rank, world=rt.world) if test_data else None
     rt.configure(cfg)
     rt.local_batch(t.batch_size)  # checks that the replicas divide the global batch
