@@ -1,9 +1,9 @@
 """The soft-drop groomed jet mass, from the model's particle features (`ucluster prepare --mass softdrop`).
 
 Why: with multiparton interactions and ISR on, soft wide-angle radiation smears the W and Z jet masses
-upwards and their peaks (80 and 91 GeV) overlap; soft drop (Larkoski, Marzani, Soyez, Thaler 2014)
-removes that radiation and narrows them: best W/Z/top mass cuts 80-81 % instead of 76 % on generated
-jets (docs/RESULTS.md, "The soft-drop mass").
+upwards and their peaks overlap; soft drop (Larkoski, Marzani, Soyez, Thaler 2014) removes that
+radiation and narrows them: best W/Z/top mass cuts 80-81 % instead of 76 % on generated jets
+(docs/RESULTS.md, "The soft-drop mass").
 
 FastJet's SoftDrop (Cambridge/Aachen reclustering, declustering along the harder branch until
 min(pt1, pt2) / (pt1 + pt2) > z_cut (dR12 / R0)^beta) on massless four-vectors rebuilt from (etarel,
@@ -17,7 +17,7 @@ from ucluster_jax.data.fastjet_quiet import fastjet
 from ucluster_jax.data.features import FEATURE_NAMES
 
 Z_CUT = 0.1
-BETA = 2.0   # milder than beta 0 (mMDT), which drops a prong of the asymmetric decays: best cuts 74 % against 80 %
+BETA = 2.0   # milder than beta 0 (mMDT): best cuts 80 % against 74 % (docs/RESULTS.md)
 R0 = 0.8     # the jets' radius
 _ETA, _PHI, _LOG_PT = (FEATURE_NAMES.index(n) for n in ("etarel", "phirel", "log_pt"))
 
@@ -36,7 +36,7 @@ def softdrop_mass(points: np.ndarray, z_cut: float = Z_CUT, beta: float = BETA, 
     out = np.zeros(len(points), np.float32)
     full = counts > 0
     if full.any():
-        jets = ak.zip({k: ak.unflatten(v, counts[full]) for k, v in p4.items()}, with_name="Momentum4D")
+        jets = ak.zip({k: ak.unflatten(v, counts[full]) for k, v in p4.items()})
         seq = fj.ClusterSequence(jets, fj.JetDefinition(fj.cambridge_algorithm, 10.0))
         groomed = seq.exclusive_jets_softdrop_grooming(njets=1, beta=beta, symmetry_cut=z_cut, R0=r0)
         out[full] = ak.to_numpy(groomed.msoftdrop)
