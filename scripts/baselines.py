@@ -140,7 +140,7 @@ def cmd_mass(a: argparse.Namespace) -> dict:
     out["test_mass_median"] = {n: float(np.median(m_te[y_te == c])) for c, n in enumerate(names)}
     out["test_fractions"] = {n: float(np.mean(y_te == c)) for c, n in enumerate(names)}
     if a.plot:
-        _mass_plot(m_te, y_te, names, (a_cut, b_cut), a.plot, _mass_axis(ParquetDataset(a.test)))
+        _mass_plot(m_te, y_te, names, (a_cut, b_cut), a.plot, f"{ParquetDataset(a.test).meta.mass_name} [GeV]")
     return out
 
 
@@ -312,7 +312,7 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
     a_cut, b_cut, _ = best_cuts(*_mass_label(a.train)[:2])
     best = window_predict(m, a_cut, (a_cut, b_cut), (b_cut, np.inf))
     if a.plot:
-        _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot, _mass_axis(test))
+        _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot, f"{test.meta.mass_name} [GeV]")
     means = sorted(float(np.mean(m[cls == k])) for k in range(c) if np.any(cls == k))
     pair = np.isin(np.argmin(o["dist"], 1), closest_pair(np.asarray(state.params["mu"])))
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": acc, "confusion": cont.tolist(),
@@ -360,10 +360,6 @@ def cmd_align(a: argparse.Namespace) -> dict:
                     "blob_soft_weight_max_median": None if top is None else float(np.median(top)),
                     "blob_share_soft_weights_within_60_40": None if top is None else float(np.mean(top < 0.6))})
     return {"run": str(a.run), "epochs": out}
-
-
-def _mass_axis(ds: ParquetDataset) -> str:
-    return "soft-drop mass [GeV]" if ds.meta.mass == "softdrop" else "jet mass [GeV]"
 
 
 def _boundary_plot(edges: np.ndarray, frac: np.ndarray, filled: np.ndarray, names: tuple[str, ...],

@@ -216,6 +216,7 @@ def test_prepare_softdrop_mass_on_shared_sample(tmp_path):
         assert cli_main(["prepare", str(sample), "--out", str(tmp_path / kind), "--mass", kind]) == 0
     plain, sd = ParquetDataset(tmp_path / "jet"), ParquetDataset(tmp_path / "softdrop")
     assert (plain.meta.mass, sd.meta.mass) == ("jet", "softdrop")
+    assert (plain.meta.mass_name, sd.meta.mass_name) == ("jet mass", "soft-drop mass")  # the plots' axis
     a, b = plain.read_all(), sd.read_all()
     np.testing.assert_array_equal(a["x"], b["x"])
     np.testing.assert_array_equal(a["label"], b["label"])

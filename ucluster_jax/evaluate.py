@@ -99,8 +99,7 @@ def evaluate(run_dir: Path, data: Path, out: Path | None = None, *, plots_too: b
         if "anomaly" in summary:
             anomaly.mjj_plot(parts["mass"], cluster, label, parts["global"], summary["anomaly"], out / "mjj.png")
         else:
-            plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png", names,
-                            "soft-drop mass" if ds.meta.mass == "softdrop" else "jet mass")
+            plots.mass_plot(parts["mass"], cluster, label, k, out / "mass_per_cluster.png", names, ds.meta.mass_name)
         metrics_file = Path(run_dir) / "metrics.jsonl"
         if metrics_file.exists():
             recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]

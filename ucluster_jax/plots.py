@@ -47,7 +47,7 @@ def latent_plot(z: np.ndarray, cluster: np.ndarray, label: np.ndarray, mu: np.nd
 
 def mass_plot(mass: np.ndarray, cluster: np.ndarray, label: np.ndarray, k: int, path: Path,
               class_names: tuple[str, ...], what: str = "jet mass") -> Path:
-    """Jet mass (`what`: the dataset's kind of mass) of each cluster, and of each truth class for comparison."""
+    """The mass (`what`: the dataset's `mass_name`) of each cluster, and of each truth class for comparison."""
     fig, axes = subplots(1, 2, figsize=(11, 4))
     bins = np.linspace(0, 250, 51)
     for c in range(k):

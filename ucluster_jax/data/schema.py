@@ -64,6 +64,11 @@ class DatasetMeta:
             raise ValueError(f"{len(self.feature_names)} feature_names for num_features={self.num_features}")
 
     @property
+    def mass_name(self) -> str:
+        """What the `mass` column holds, as plots name it."""
+        return "soft-drop mass" if self.mass == "softdrop" else "jet mass"
+
+    @property
     def particle_size(self) -> int:
         return self.num_points * self.num_features
 
