@@ -18,8 +18,10 @@
         where in jet mass the checkpoint of epoch E moves test jets from one cluster to the next: the class
         its clusters give per 1 GeV of mass, the masses where the majority changes, and the accuracy of a
         mass-only classifier that gives every jet its mass bin's majority (equal to the model's accuracy
-        when the clusters are mass windows), beside the best cuts fitted on TRAIN; and the dip of the mass
-        distribution of the two closest clusters' jets (where `train.select_by: mass_valley` aims their boundary).
+        when the clusters are mass windows), beside the best cuts fitted on TRAIN; the dip of the mass
+        distribution of the two closest clusters' jets (where `train.select_by: mass_valley` aims their
+        boundary); and the network's own mass estimate (its focal head's expected bin): its resolution on
+        the W and Z jets and the best cuts on it, what clusters that follow it can reach.
     python scripts/baselines.py align --run RUN --epochs E1,E2,... --train TRAIN --test TEST [--json OUT]
         how the split between the two lighter clusters (W and Z) lies in the latent, per epoch-end checkpoint:
         the distance between their centroids against the rms size of the blob their test jets form, the
@@ -314,13 +316,29 @@ def cmd_boundary(a: argparse.Namespace) -> dict:
     if a.plot:
         _boundary_plot(edges, frac, filled, names, (a_cut, b_cut), a.plot, f"{test.meta.mass_name} [GeV]")
     means = sorted(float(np.mean(m[cls == k])) for k in range(c) if np.any(cls == k))
+    est = _mass_estimate(o["logits"], m, y)
     pair = np.isin(np.argmin(o["dist"], 1), closest_pair(np.asarray(state.params["mu"])))
     return {"run": str(a.run), "epoch": int(meta["epoch"]), "accuracy": acc, "confusion": cont.tolist(),
             "majority_changes_gev": changes, "cluster_mean_mass_gev": means,
             "midpoints_of_means_gev": [0.5 * (u + v) for u, v in zip(means, means[1:])], "accuracy_mass_majority": float(np.mean(majority[b] == y)),
             "dip_gev": mass_dip(m[pair]),  # where train.select_by mass_valley aims the W|Z boundary
             "best_cuts_train_gev": [a_cut, b_cut], "accuracy_best_cuts": float(np.mean(best == y)),
+            "mass_estimate": {"resolution_gev": est["resolution_gev"],
+                              "accuracy_best_cuts": best_cuts(est["gev"], y)[2],
+                              "accuracy_best_cuts_of_the_mass": best_cuts(m, y)[2]},
             "n_test": int(len(y))}
+
+
+def _mass_estimate(logits: np.ndarray, m: np.ndarray, y: np.ndarray) -> dict:
+    """The network's own mass: the focal head's expected bin, put on the GeV scale by a straight-line fit
+    on the W and Z jets of 70-105 GeV, and its rms deviation from the mass there. Clusters that follow it
+    can at best do what cuts on it do (both fitted here on the test jets, with the truth)."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    e = (p / p.sum(1, keepdims=True)) @ np.arange(logits.shape[1], dtype=np.float64)
+    wz = (y < 2) & (m > 70) & (m < 105)
+    slope, icpt = np.polyfit(e[wz], m[wz], 1)
+    gev = slope * e + icpt
+    return {"gev": gev, "resolution_gev": float(np.std(gev[wz] - m[wz]))}
 
 
 def cmd_align(a: argparse.Namespace) -> dict:

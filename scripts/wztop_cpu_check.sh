@@ -8,7 +8,7 @@
 set -euo pipefail
 OUT=${1:?usage: wztop_cpu_check.sh OUT [TRAIN_SEED] [TEST_SEED] [PT_MIN] [PT_MAX] [train args...]}
 TRAIN_SEED=${2:-201}; TEST_SEED=${3:-202}; PT_MIN=${4:-850}; PT_MAX=${5:-1250}
-MASS=${MASS:-jet}  # MASS=softdrop with `--set loss.mass=softdrop`: the soft-drop mass (docs/RESULTS.md)
+MASS=${MASS:-jet}  # MASS=massless|softdrop with `--set loss.mass=$MASS`: another mass (docs/RESULTS.md)
 shift $(( $# < 5 ? $# : 5 ))
 mkdir -p "$OUT"
 stage() { local t0=$SECONDS; "$@"; echo "[$(( SECONDS - t0 )) s] $1 $2" | tee -a "$OUT/times.txt"; }

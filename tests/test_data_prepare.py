@@ -223,3 +223,32 @@ def test_prepare_softdrop_mass_on_shared_sample(tmp_path):
     assert (b["mass"] <= a["mass"]).all() and (b["mass"] < a["mass"] - 1).mean() > 0.2  # grooming removes
     np.testing.assert_array_equal(b["target"], np.minimum(np.floor(b["mass"] * 19 / 200), 19).astype(int))
     assert wz_cut_accuracy(b["mass"], b["label"]) > wz_cut_accuracy(a["mass"], a["label"]) + 0.03
+
+
+def test_prepare_massless_mass_on_shared_sample(tmp_path):
+    """`--mass massless`: the same jets, the mass of the raw constituents' momenta taken massless (computed
+    here from the file's own px, py, pz), never above the jet mass (which adds the hadrons' masses), and
+    binned into the target."""
+    sample = shared_file(SAMPLE)
+    for kind in ("jet", "massless"):
+        assert cli_main(["prepare", str(sample), "--out", str(tmp_path / kind), "--mass", kind]) == 0
+    plain, ml = ParquetDataset(tmp_path / "jet"), ParquetDataset(tmp_path / "massless")
+    assert (ml.meta.mass, ml.meta.mass_name) == ("massless", "massless jet mass")
+    a, b = plain.read_all(), ml.read_all()
+    np.testing.assert_array_equal(a["x"], b["x"])
+    with h5py.File(sample, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["particleFeatureNames"][:]]
+        c = f["jetConstituentList"][:].astype(np.float64)
+        jet_names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["jetFeatureNames"][:]]
+        jet_mass = f["jets"][:, jet_names.index("j_mass")].astype(np.float32)
+    px, py, pz = (c[..., names.index(k)] for k in ("j1_px", "j1_py", "j1_pz"))
+    p = np.sqrt(px ** 2 + py ** 2 + pz ** 2)
+    ref = np.sqrt(np.maximum(p.sum(1) ** 2 - px.sum(1) ** 2 - py.sum(1) ** 2 - pz.sum(1) ** 2, 0))
+    kept = []  # the selection is on the jet mass: the same jets, in file order
+    for i, m in enumerate(jet_mass):
+        if len(kept) < len(a["mass"]) and m == a["mass"][len(kept)]:
+            kept.append(i)
+    assert len(kept) == len(b["mass"])
+    np.testing.assert_allclose(b["mass"], ref[kept], rtol=2e-3, atol=0.05)
+    assert (b["mass"] <= a["mass"] + 1e-3).all() and 0.5 < np.mean(a["mass"] - b["mass"]) < 5
+    np.testing.assert_array_equal(b["target"], np.minimum(np.floor(b["mass"] * 19 / 200), 19).astype(int))

@@ -321,5 +321,5 @@ def test_metadata_written_before_per_point_targets_and_mass_kinds_reads_as_per_j
           if not k.endswith(("target_per_point", ".mass"))}
     assert DatasetMeta.from_metadata(md) == META and not META.target_per_point and META.mass == "jet"
     md[b"ucluster.mass"] = b'"trimmed"'
-    with pytest.raises(ValueError, match="mass='trimmed' must be one of jet, softdrop"):
+    with pytest.raises(ValueError, match="mass='trimmed' must be one of jet, massless, softdrop"):
         DatasetMeta.from_metadata(md)

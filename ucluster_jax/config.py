@@ -69,7 +69,7 @@ class LossConfig:
     mass_bins: str = "prepared"
     mass_range: tuple[float, float] = (30.0, 200.0)
     # the mass the training data's `mass` column must hold, which the target's bins and the mass_valley
-    # selection read: "jet" (the original's) or "softdrop" (`ucluster prepare --mass softdrop`)
+    # selection read: "jet" (the original's), "massless" or "softdrop" (`ucluster prepare --mass`)
     mass: str = "jet"
 
 
@@ -298,7 +298,7 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         ("loss.focal_gamma", lo.focal_gamma >= 0, ">= 0"),
         ("loss.point_reduce", lo.point_reduce in ("max_per_class", "mean"), "max_per_class or mean"),
         ("loss.mass_bins", lo.mass_bins in ("prepared", "linear", "sqrt"), "prepared, linear or sqrt"),
-        ("loss.mass", lo.mass in ("jet", "softdrop"), "jet or softdrop"),
+        ("loss.mass", lo.mass in ("jet", "massless", "softdrop"), "jet, massless or softdrop"),
         ("loss.mass_bins", lo.mass_bins == "prepared" or m.variant == "multiclass",
          "'prepared' under model.variant anomaly (its targets are per particle)"),
         ("loss.mass_range", len(lo.mass_range) == 2 and 0 <= lo.mass_range[0] < lo.mass_range[1],

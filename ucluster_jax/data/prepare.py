@@ -20,7 +20,7 @@ from ucluster_jax.data import lhco, root
 from ucluster_jax.data.features import (
     NUM_TARGETS, clean_name, hls4ml_particle_features, mass_bin, missing_particle_columns,
 )
-from ucluster_jax.data.groom import softdrop_mass
+from ucluster_jax.data.groom import massless_mass, softdrop_mass
 from ucluster_jax.data.schema import (
     CLASS_NAMES, DEFAULT_ROW_GROUP_SIZE, DEFAULT_SHARD_SIZE, MASS_KINDS, DatasetMeta, ShardWriter,
 )
@@ -286,9 +286,9 @@ def prepare(
     ROOT inputs are read with `mapping` (the JetClass layout unless told) and cut or padded to
     `num_points` particles per jet, LHCO events to `num_points` particles per event; HDF5 inputs keep theirs.
     `signal_fraction` (LHCO only) keeps all background and a `seed`ed random subset of the signal so that
-    signal is that fraction of the kept events (lhco.SignalSampler). `mass="softdrop"` stores each jet's
-    soft-drop mass (data/groom.py) in the `mass` column and bins it into the target; the selection's mass
-    window stays on the jet mass.
+    signal is that fraction of the kept events (lhco.SignalSampler). `mass` "massless" or "softdrop" stores each
+    jet's massless or soft-drop mass (data/groom.py) in the `mass` column and bins it into the target; the
+    selection's mass window stays on the jet mass.
 
     With a split or `ranks` the inputs are read twice (count, then write) so that memory stays bounded;
     `ranks` sizes each output's row groups for that many training processes (row_group_size_for).
@@ -346,8 +346,8 @@ def prepare(
         pos = 0
         bar = Progress(sum(i.n for i in found), "jets", "soft-drop mass: read", enabled=mass == "softdrop")
         for a in it:
-            if mass == "softdrop":
-                a = {**a, "mass": softdrop_mass(a["x"])}
+            if mass != "jet":
+                a = {**a, "mass": (softdrop_mass if mass == "softdrop" else massless_mass)(a["x"])}
                 a["target"] = mass_bin(a["mass"])
                 bar.update(sum(r.read for r in reports), f"{pos + len(a['label'])} kept")
             n, s = len(a["label"]), 0
@@ -416,8 +416,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "instead of using their per-file renumbered pid")
     parser.add_argument("--mass", choices=MASS_KINDS, default="jet",
                         help="jet inputs: what the `mass` column and the target's mass bins hold: the jet mass "
-                        "(the original's) or the soft-drop mass (z_cut 0.1, beta 2, R0 0.8; about 1 ms per jet), "
-                        "which separates W from Z jets better (docs/RESULTS.md); default: jet")
+                        "(the original's), the massless mass (the kept particles taken massless: the hadron "
+                        "masses' scatter left out) or the soft-drop mass (z_cut 0.1, beta 2, R0 0.8; about 1 ms "
+                        "per jet), which separate W from Z jets better (docs/RESULTS.md); default: jet")
     parser.add_argument("--overwrite", action="store_true", help="replace datasets already in the output")
 
 

@@ -20,7 +20,7 @@ from ucluster_jax.errors import DataError, UserError
 
 FORMAT_VERSION = 1
 CLASS_NAMES: tuple[str, ...] = ("W", "Z", "top")
-MASS_KINDS: tuple[str, ...] = ("jet", "softdrop")
+MASS_KINDS: tuple[str, ...] = ("jet", "massless", "softdrop")
 META_PREFIX = "ucluster."
 DEFAULT_ROW_GROUP_SIZE = 2048
 DEFAULT_SHARD_SIZE = 32 * DEFAULT_ROW_GROUP_SIZE
@@ -46,7 +46,8 @@ class DatasetMeta:
     # particle's jet), not one per jet
     target_per_point: bool = False
     # what the `mass` column (and the target binned from it) holds: "jet", the mass of all the jet's
-    # constituents, or "softdrop", its groomed mass (`ucluster prepare --mass softdrop`, data/groom.py)
+    # constituents, "massless", that of its kept particles taken massless, or "softdrop", its groomed
+    # mass (`ucluster prepare --mass`, data/groom.py)
     mass: str = "jet"
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class DatasetMeta:
     @property
     def mass_name(self) -> str:
         """What the `mass` column holds, as plots name it."""
-        return "soft-drop mass" if self.mass == "softdrop" else "jet mass"
+        return {"jet": "jet mass", "massless": "massless jet mass", "softdrop": "soft-drop mass"}[self.mass]
 
     @property
     def particle_size(self) -> int:
