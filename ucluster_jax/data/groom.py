@@ -4,7 +4,7 @@ The massless mass: the invariant mass of the kept particles taken massless. Why:
 hadrons' four-vectors with their masses (pions, kaons, protons), which moves a W or Z jet's mass by about
 2 GeV and scatters it by 1.8 GeV with the hadron species, a scatter the particle features barely show;
 trained on the massless mass, the network's own mass estimate follows it to 1.4 GeV instead of 2.1
-(docs/RESULTS.md, "The massless mass").
+(docs/RESULTS.md, "The network's own mass caps the clusters").
 
 The soft-drop mass. Why: with multiparton interactions and ISR on, soft wide-angle radiation smears the
 W and Z jet masses upwards and their peaks overlap; soft drop (Larkoski, Marzani, Soyez, Thaler 2014)

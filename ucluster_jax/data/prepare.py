@@ -286,9 +286,9 @@ def prepare(
     ROOT inputs are read with `mapping` (the JetClass layout unless told) and cut or padded to
     `num_points` particles per jet, LHCO events to `num_points` particles per event; HDF5 inputs keep theirs.
     `signal_fraction` (LHCO only) keeps all background and a `seed`ed random subset of the signal so that
-    signal is that fraction of the kept events (lhco.SignalSampler). `mass` "massless" or "softdrop" stores each
-    jet's massless or soft-drop mass (data/groom.py) in the `mass` column and bins it into the target; the
-    selection's mass window stays on the jet mass.
+    signal is that fraction of the kept events (lhco.SignalSampler). `mass` "massless" or "softdrop"
+    stores each jet's massless or soft-drop mass (data/groom.py) in the `mass` column and bins it into the
+    target; the selection's mass window stays on the jet mass.
 
     With a split or `ranks` the inputs are read twice (count, then write) so that memory stays bounded;
     `ranks` sizes each output's row groups for that many training processes (row_group_size_for).
