@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ucluster_jax.data.features import MASS_KINDS
 from ucluster_jax.errors import UserError
 
 
@@ -298,7 +299,7 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         ("loss.focal_gamma", lo.focal_gamma >= 0, ">= 0"),
         ("loss.point_reduce", lo.point_reduce in ("max_per_class", "mean"), "max_per_class or mean"),
         ("loss.mass_bins", lo.mass_bins in ("prepared", "linear", "sqrt"), "prepared, linear or sqrt"),
-        ("loss.mass", lo.mass in ("jet", "massless", "softdrop"), "jet, massless or softdrop"),
+        ("loss.mass", lo.mass in MASS_KINDS, " or ".join(MASS_KINDS)),
         ("loss.mass_bins", lo.mass_bins == "prepared" or m.variant == "multiclass",
          "'prepared' under model.variant anomaly (its targets are per particle)"),
         ("loss.mass_range", len(lo.mass_range) == 2 and 0 <= lo.mass_range[0] < lo.mass_range[1],

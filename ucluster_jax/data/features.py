@@ -25,6 +25,9 @@ HLS4ML_PARTICLE_NAMES: tuple[str, ...] = tuple(
     )
 )
 
+# What a dataset's `mass` column can hold (DatasetMeta.mass, loss.mass, `ucluster prepare --mass`).
+MASS_KINDS: tuple[str, ...] = ("jet", "massless", "softdrop")
+
 # Auxiliary target: 20 mass bins, edges linspace(0, 200, 20) plus an overflow edge.
 NUM_TARGETS = 20
 MASS_EDGES = np.linspace(0.0, 200.0, 20)

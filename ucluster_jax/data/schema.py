@@ -15,12 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ucluster_jax.data.features import FEATURE_NAMES, NUM_TARGETS
+from ucluster_jax.data.features import FEATURE_NAMES, MASS_KINDS, NUM_TARGETS
 from ucluster_jax.errors import DataError, UserError
 
 FORMAT_VERSION = 1
 CLASS_NAMES: tuple[str, ...] = ("W", "Z", "top")
-MASS_KINDS: tuple[str, ...] = ("jet", "massless", "softdrop")
 META_PREFIX = "ucluster."
 DEFAULT_ROW_GROUP_SIZE = 2048
 DEFAULT_SHARD_SIZE = 32 * DEFAULT_ROW_GROUP_SIZE
