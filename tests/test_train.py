@@ -9,13 +9,16 @@ from jax.flatten_util import ravel_pytree
 
 from conftest import BIN, REPO, TINY, shared_file, tb_scalars
 from ucluster_jax import checkpoint
+from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.config import ConfigError, load_config
 from ucluster_jax.errors import CheckpointError
 from ucluster_jax.metrics import boundary_density, mass_dip, mass_edge, mass_valley, split_alignment
 from ucluster_jax.original_log import read_log
 from ucluster_jax.parallel.runtime import setup
 from ucluster_jax.train import select
+from ucluster_jax.train.kmeans import kmeans, mass_group_centroids
 from ucluster_jax.train.loop import train
+from ucluster_jax.train.scoring import embed, init_centroids
 from ucluster_jax.train.state import create_state, learning_rate, phase
 
 
@@ -285,6 +288,39 @@ def test_the_kmeans_start_is_logged_with_its_split_and_training_accuracy(single_
     masses = start["start_cluster_mean_mass"]
     assert [masses[i] for i in start["start_wz_clusters"]] == sorted(masses)[:2]  # the two lightest, lighter first
     assert 0.4 < start["start_train_acc"] <= 1  # above what 3 clusters give by chance on the toy classes (0.52 seen)
+
+
+def test_mass_group_centroids_start_at_the_split_the_mass_makes():
+    """Three mass populations (W, Z, top-like) whose embedding puts a wide spread across the heaviest:
+    k-means on the embedding splits that one, the start from the mass keeps one centroid per population,
+    at the mean embedding of its jets, lightest first; the fourth root is what separates 80 from 91 GeV."""
+    rng = np.random.default_rng(0)
+    mass = np.concatenate([rng.normal(80, 2, 400), rng.normal(91, 2, 400), rng.normal(172, 15, 400)])
+    pop = np.repeat([0, 1, 2], 400)
+    z = np.stack([mass / 100, np.where(pop == 2, rng.normal(0, 3, 1200), 0.0)], axis=1)
+    by_embedding = np.argmin(((z[:, None] - kmeans(z, 3, seed=0)[None]) ** 2).sum(-1), axis=1)
+    assert len(np.unique(by_embedding[pop < 2])) == 1  # W and Z merged, the wide population split
+    mu = mass_group_centroids(z, mass, 3, power=0.25, seed=0)
+    assert mu.shape == (3, 2) and mu.dtype == np.float32
+    np.testing.assert_allclose(mu, [z[pop == j].mean(0) for j in range(3)], atol=0.02)
+    by_mass = np.argmin(((z[:, None] - mu[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(by_mass == pop) > 0.9
+    with pytest.raises(ConfigError, match="train.kmeans_init"):
+        load_config("configs/wztop_cpu.yaml", ["train.kmeans_init=labels"])
+
+
+def test_init_centroids_follows_train_kmeans_init(toy_small):
+    """The loop's start (scoring.init_centroids) with train.kmeans_init=mass is the mass groups' mean embedding,
+    with the default the k-means of the embedding: the option reaches the run."""
+    over = TINY + ["train.kmeans_embeddings=train_mode"]  # an untrained state's moving statistics are zero
+    cfg = load_config("configs/demo.yaml", over)
+    ds, rt, state = ParquetDataset(toy_small[0]), setup("single"), create_state(cfg)
+    o = embed(rt, cfg, state, ds.iter_all(cfg.train.eval_batch_size), train_mode_bn=True)
+    by_mass = load_config("configs/demo.yaml", over + ["train.kmeans_init=mass", "train.kmeans_mass_power=0.5"])
+    mu = init_centroids(rt, by_mass, state, ds)[0]
+    np.testing.assert_allclose(mu, mass_group_centroids(o["z"], o["mass"], 3, power=0.5, seed=0, restarts=3), atol=1e-6)
+    np.testing.assert_allclose(init_centroids(rt, cfg, state, ds)[0], kmeans(o["z"], 3, seed=0, restarts=3), atol=1e-6)
+    assert not np.allclose(mu, kmeans(o["z"], 3, seed=0, restarts=3), atol=1e-3)
 
 
 def test_tensorboard_events_hold_the_epoch_records_and_the_curve(single_run):

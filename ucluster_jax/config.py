@@ -103,6 +103,10 @@ class TrainConfig:
     bn_decay_clip: float = 0.99
     kmeans_restarts: int = 10
     kmeans_iters: int = 100
+    # where the centroids start: "embedding", k-means++ on the pre-trained embeddings (the original); "mass",
+    # the embeddings' means over the groups that k-means finds on mass ** kmeans_mass_power (no labels)
+    kmeans_init: str = "embedding"
+    kmeans_mass_power: float = 0.25
     kmeans_embeddings: str = "train_mode"  # original: BN with batch statistics; "eval_mode": moving stats
     shuffle: bool = False  # original: no shuffle (files in order); deviation: seeded per-epoch shuffle
     shuffle_buffer_row_groups: int = 4  # shuffle window: this many row groups' worth over all lanes
@@ -323,6 +327,8 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         ("train.bn_decay_clip", 0 <= t.bn_decay_clip <= 1, "in [0, 1]"),
         ("train.kmeans_restarts", t.kmeans_restarts >= 1, ">= 1"),
         ("train.kmeans_iters", t.kmeans_iters >= 1, ">= 1"),
+        ("train.kmeans_init", t.kmeans_init in ("embedding", "mass"), "embedding or mass"),
+        ("train.kmeans_mass_power", t.kmeans_mass_power > 0, "> 0"),
         ("train.kmeans_embeddings", t.kmeans_embeddings in ("train_mode", "eval_mode"), "train_mode or eval_mode"),
         ("train.shuffle_buffer_row_groups", t.shuffle_buffer_row_groups >= 1, ">= 1"),
         ("train.data_lanes", t.data_lanes > 0 and t.batch_size % t.data_lanes == 0,

@@ -28,7 +28,7 @@ from ucluster_jax.parallel.runtime import ENGINES, Runtime, setup
 from ucluster_jax.progress import Progress
 from ucluster_jax.tblog import EventLog
 from ucluster_jax.train import candidates, select
-from ucluster_jax.train.scoring import CurvePoints, format_start, init_centroids, latent_sample, score_test
+from ucluster_jax.train.scoring import CurvePoints, format_start, how_started, init_centroids, latent_sample, score_test
 from ucluster_jax.train.state import TrainState, create_state, learning_rate, phase, scored, with_params
 
 
@@ -186,7 +186,7 @@ def train(cfg: Config, data: Path, out: Path, *, test_data: Path | None = None, 
                 mu, start = made[1:] if made is not None else init_centroids(rt, cfg, host, ds)
                 host = with_params(host, {**host.params, "mu": jnp.asarray(mu)})
                 if rt.is_root:
-                    print(f"k-means++ ({t.kmeans_restarts} restarts) on {ds.num_jets} embeddings: mu =\n{mu}\n"
+                    print(f"{how_started(t)} on {ds.num_jets} embeddings: mu =\n{mu}\n"
                           f"start: {format_start(start)}", flush=True)
             alpha, weight, joint_lr = phase(cfg, epoch)
             # at the epoch's first step

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ucluster_jax.config import Config
+from ucluster_jax.config import Config, TrainConfig
 from ucluster_jax.data.reader import ParquetDataset
 from ucluster_jax.losses import kmeans_loss
 from ucluster_jax.metrics import contingency_np, matched_accuracy, split_alignment
 from ucluster_jax.model.networks import centroid_distances
 from ucluster_jax.parallel.runtime import Runtime
-from ucluster_jax.train.kmeans import kmeans
+from ucluster_jax.train.kmeans import kmeans, mass_group_centroids
 from ucluster_jax.train.state import TrainState, scored
 from ucluster_jax.train.step import make_eval_fn, step_key
 
@@ -56,7 +56,7 @@ def embed(rt: Runtime, cfg: Config, host_state: TrainState, batches: Iterable[di
 def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: ParquetDataset
                    ) -> tuple[np.ndarray, dict | None]:
     """Global k-means: every rank embeds its block of eval batches, rank 0 clusters all of them (in file
-    order, whatever the world size), the result is broadcast.
+    order, whatever the world size; `train.kmeans_init`), the result is broadcast.
 
     Also returns, on rank 0 (None elsewhere), what the start looks like on the training jets: its
     matched accuracy where they have labels, and how its W|Z split lies against the jet mass
@@ -66,14 +66,23 @@ def init_centroids(rt: Runtime, cfg: Config, host_state: TrainState, ds: Parquet
     z, mass, label = (rt.gather_rows(o[k]) for k in ("z", "mass", "label"))
     mu, start = None, None
     if rt.is_root:
-        mu = kmeans(z, cfg.model.num_clusters, seed=cfg.train.seed,
-                    restarts=cfg.train.kmeans_restarts, iters=cfg.train.kmeans_iters)
+        t = cfg.train
+        mu = (mass_group_centroids(z, mass, cfg.model.num_clusters, power=t.kmeans_mass_power, seed=t.seed,
+                                   restarts=t.kmeans_restarts) if t.kmeans_init == "mass"
+              else kmeans(z, cfg.model.num_clusters, seed=t.seed, restarts=t.kmeans_restarts, iters=t.kmeans_iters))
         cluster = np.argmin(np.asarray(centroid_distances(z, mu)), axis=1)
         start = split_alignment(z, mass, cluster, mu)
         cont = contingency_np(cluster, label.astype(np.int64), cfg.model.num_clusters, len(ds.meta.class_names))
         if cont.sum():
             start["train_acc"] = matched_accuracy(cont)[0]
     return np.asarray(rt.bcast(mu), np.float32), start
+
+
+def how_started(t: TrainConfig) -> str:
+    """The log's name for how the centroids started (`train.kmeans_init`)."""
+    if t.kmeans_init == "mass":
+        return f"means over the k-means groups ({t.kmeans_restarts} restarts) of mass^{t.kmeans_mass_power:g}"
+    return f"k-means++ ({t.kmeans_restarts} restarts)"
 
 
 def format_start(start: dict) -> str:
