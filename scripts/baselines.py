@@ -129,8 +129,10 @@ def cmd_mass(a: argparse.Namespace) -> dict:
     for lo, hi in a.cuts:
         pred = window_predict(m_te, lo, (lo, hi), (hi, np.inf))
         out["window_given"].append({"cuts": [lo, hi], "accuracy": float(np.mean(pred == y_te))})
-    # k-means on the mass and on sqrt(mass) (the geometry loss.mass_bins=sqrt asks of the latent)
-    for key, f, f_inv in (("kmeans_mass", lambda m: m, lambda u: u), ("kmeans_sqrt_mass", np.sqrt, np.square)):
+    # k-means on the mass, on sqrt(mass) (the geometry loss.mass_bins=sqrt asks of the latent) and on its fourth
+    # root (the groups train.kmeans_init=mass starts the centroids from, at the recipe's kmeans_mass_power)
+    for key, f, f_inv in (("kmeans_mass", lambda m: m, lambda u: u), ("kmeans_sqrt_mass", np.sqrt, np.square),
+                          ("kmeans_fourth_root_mass", lambda m: m ** 0.25, lambda u: u ** 4)):
         u_tr, u_te = f(np.clip(m_tr, 0, None)), f(np.clip(m_te, 0, None))
         mu = np.sort(kmeans(u_tr[:, None], len(names), seed=0, restarts=10)[:, 0])
         assign = np.argmin((u_te[:, None] - mu[None, :]) ** 2, axis=1)
