@@ -28,13 +28,18 @@ R0 = 0.8     # the jets' radius
 _ETA, _PHI, _LOG_PT = (FEATURE_NAMES.index(n) for n in ("etarel", "phirel", "log_pt"))
 
 
-def massless_mass(points: np.ndarray) -> np.ndarray:
-    """[N, P, F] particle features (zero-padded rows: log_pt 0) -> [N] massless masses in GeV, float32."""
+def _four_vectors(points: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """[N, P, F] particle features -> (mask of real particles [N, P], massless px, py, pz, E [N, P] in GeV,
+    float64, zero on the padding rows: log_pt 0)."""
     mask = points[..., _LOG_PT] != 0
     pt = np.where(mask, np.exp(points[..., _LOG_PT].astype(np.float64)), 0.0)
     eta, phi = points[..., _ETA].astype(np.float64), points[..., _PHI].astype(np.float64)
-    e, px = (pt * np.cosh(eta)).sum(1), (pt * np.cos(phi)).sum(1)
-    py, pz = (pt * np.sin(phi)).sum(1), (pt * np.sinh(eta)).sum(1)
+    return mask, {"px": pt * np.cos(phi), "py": pt * np.sin(phi), "pz": pt * np.sinh(eta), "E": pt * np.cosh(eta)}
+
+
+def massless_mass(points: np.ndarray) -> np.ndarray:
+    """[N, P, F] particle features (zero-padded rows: log_pt 0) -> [N] massless masses in GeV, float32."""
+    px, py, pz, e = (v.sum(1) for v in _four_vectors(points)[1].values())
     return np.sqrt(np.maximum(e * e - px * px - py * py - pz * pz, 0.0)).astype(np.float32)
 
 
@@ -44,15 +49,12 @@ def softdrop_mass(points: np.ndarray, z_cut: float = Z_CUT, beta: float = BETA, 
     import awkward as ak  # here, not at import: `ucluster prepare` without --mass softdrop never needs it
 
     fj = fastjet()
-    mask = points[..., _LOG_PT] != 0
+    mask, p4 = _four_vectors(points)
     counts = mask.sum(axis=1)
-    pt = np.exp(points[..., _LOG_PT][mask].astype(np.float64))
-    eta, phi = points[..., _ETA][mask].astype(np.float64), points[..., _PHI][mask].astype(np.float64)
-    p4 = {"px": pt * np.cos(phi), "py": pt * np.sin(phi), "pz": pt * np.sinh(eta), "E": pt * np.cosh(eta)}
     out = np.zeros(len(points), np.float32)
     full = counts > 0
     if full.any():
-        jets = ak.zip({k: ak.unflatten(v, counts[full]) for k, v in p4.items()})
+        jets = ak.zip({k: ak.unflatten(v[mask], counts[full]) for k, v in p4.items()})
         seq = fj.ClusterSequence(jets, fj.JetDefinition(fj.cambridge_algorithm, 10.0))
         groomed = seq.exclusive_jets_softdrop_grooming(njets=1, beta=beta, symmetry_cut=z_cut, R0=r0)
         out[full] = ak.to_numpy(groomed.msoftdrop)
